@@ -1,0 +1,40 @@
+# Developer entry points. `make setup test` is what the README and CI run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+# The exact command that generated the committed stubs; tests/test_proto_stubs.py runs it too.
+PROTOC = $(BIN)/python -m grpc_tools.protoc -Iclient=proto --python_out=. --pyi_out=. --grpc_python_out=.
+
+.PHONY: setup test test-fast test-docker proto train-default demo clean
+
+setup: $(BIN)/lstm-serve
+
+$(BIN)/lstm-serve: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	touch $@
+
+# The main job: serve the default model and stream a generation through the client.
+demo: setup
+	BIN=$(BIN) bash scripts/demo.sh
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Builds the image and runs trainer -> server -> Prometheus with docker-compose (needs root).
+test-docker: setup
+	BIN=$(BIN) bash deploy/test-docker.sh
+
+proto: setup
+	$(PROTOC) proto/lstmserve/v1/*.proto
+
+# The command that produced models/default.safetensors (see README: Training).
+train-default: setup
+	$(BIN)/lstm-serve train --out models/default.safetensors --max-minutes 10
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The step kernel's GPU checks, in one call on a GPU machine (one H100; Python 3.12 with its
+# own torch and triton; no package installs, no network): the state-pool and kernel tests,
+# compiled for CUDA this time (the `gpu` tests included), then the benchmark.
+# Pure-Python dependencies the machine lacks travel as wheels in .whl/ (see
+# docs/kernel-benchmarks.md). Results go to $OUT (or bench/results). Budget: under 4 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/results}"
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+    python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$out/gpu_env.txt"
+start=$SECONDS
+timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -W ignore::pytest.PytestConfigWarning \
+    tests/test_state_pool.py tests/test_kernels_torch.py tests/test_kernels_triton.py 2>&1 | tee "$out/gpu_tests.txt"
+tests=${PIPESTATUS[0]}
+echo "tests: exit $tests after $((SECONDS - start)) s" | tee -a "$out/gpu_tests.txt"
+timeout $((225 - (SECONDS - start))) python3 bench/kernel_bench.py --out "$out/kernel_bench.json" 2>&1 | tee "$out/kernel_bench.txt"
+bench=${PIPESTATUS[0]}
+echo "bench: exit $bench; total $((SECONDS - start)) s" | tee -a "$out/kernel_bench.txt"
+exit $((tests || bench))

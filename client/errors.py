@@ -1,0 +1,34 @@
+"""The exceptions the client raises: every failed RPC becomes a `StatusError`."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class LstmServeError(Exception):
+    """Base class of the client's errors."""
+
+
+class StatusError(LstmServeError):
+    """An RPC ended with a non-OK gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+    @classmethod
+    def from_rpc(cls, error: grpc.RpcError) -> StatusError:
+        """Wrap a grpc error (a sync `grpc.Call` or a `grpc.aio.AioRpcError`)."""
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        details = error.details() if hasattr(error, "details") else str(error)
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+
+    @property
+    def words(self) -> str:
+        """The status in words, e.g. "not found"."""
+        return self.code.name.lower().replace("_", " ")
+
+
+class SessionClosedError(LstmServeError):
+    """The session's stream is closed: call `resume()` (or `attach()`) to drive it again."""

@@ -1,0 +1,119 @@
+"""`Client`: the blocking client, one method per RPC."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from client.errors import StatusError
+from client.lstmserve.v1 import lstm_serve_pb2 as pb
+from client.lstmserve.v1.lstm_serve_pb2_grpc import LstmServeServiceStub
+from client.messages import ModelInfo, Prompt, SessionInfo, generate_request, make_duration
+from client.options import DEFAULT_TARGET, ClientOptions, open_channel
+from client.session import Session
+from client.token_stream import TokenStream
+
+R = TypeVar("R")
+
+
+class Client:
+    """A connection to an lstm-serve server. Use as a context manager, or `close()` it.
+
+    Every failed call raises `StatusError` (its `.code` is the gRPC status).
+    """
+
+    def __init__(self, target: str = DEFAULT_TARGET, options: ClientOptions | None = None) -> None:
+        self.target = target
+        self.options = options or ClientOptions()
+        self.channel: grpc.Channel = open_channel(target, self.options, grpc)
+        self.stub = LstmServeServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def _call(self, method: Callable[..., R], request: Any) -> R:
+        try:
+            return method(request, metadata=self.options.metadata(), timeout=self.options.timeout)
+        except grpc.RpcError as e:
+            raise StatusError.from_rpc(e) from e
+
+    def list_models(self) -> list[ModelInfo]:
+        """The models served, one entry per loaded version."""
+        return list(self._call(self.stub.ListModels, pb.ListModelsRequest()).models)
+
+    def create_session(
+        self, model: str, *, model_version: str = "", seed: int | None = None, ttl: float | None = None,
+        keep: bool = False,
+    ) -> Session:
+        """A new session (position 1). `ttl` in seconds; `keep`: `Session.close()` leaves it."""
+        request = pb.CreateSessionRequest(model=model, model_version=model_version, seed=seed, ttl=make_duration(ttl))
+        return Session(self, self._call(self.stub.CreateSession, request).session, keep=keep)
+
+    def session(self, session_id: str, *, keep: bool = True) -> Session:
+        """A handle on an existing session (no call is made until it is used)."""
+        return Session(self, session_id, keep=keep)
+
+    def get_session(self, session_id: str) -> SessionInfo:
+        return self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id)).session
+
+    def list_sessions(self) -> list[SessionInfo]:
+        """The caller's sessions."""
+        return list(self._call(self.stub.ListSessions, pb.ListSessionsRequest()).sessions)
+
+    def delete_session(self, session_id: str) -> None:
+        self._call(self.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))
+
+    def reset_session(self, session_id: str) -> SessionInfo:
+        """Back to the state of a new session (position 1), same seed."""
+        return self._call(self.stub.ResetSession, pb.ResetSessionRequest(session_id=session_id)).session
+
+    def fork_session(
+        self, session_id: str, *, seed: int | None = None, ttl: float | None = None, keep: bool = False
+    ) -> Session:
+        """A new session with a copy of the state (and the seed, unless given)."""
+        request = pb.ForkSessionRequest(session_id=session_id, seed=seed, ttl=make_duration(ttl))
+        return Session(self, self._call(self.stub.ForkSession, request).session, keep=keep)
+
+    def export_session(self, session_id: str) -> bytes:
+        """The session as a self-checking blob."""
+        return self._call(self.stub.ExportSession, pb.ExportSessionRequest(session_id=session_id)).blob
+
+    def import_session(self, blob: bytes, *, ttl: float | None = None, keep: bool = False) -> Session:
+        """A new session from an exported blob."""
+        request = pb.ImportSessionRequest(blob=blob, ttl=make_duration(ttl))
+        return Session(self, self._call(self.stub.ImportSession, request).session, keep=keep)
+
+    def generate(
+        self, prompt: Prompt = "", *, model: str = "", model_version: str = "", session_id: str = "",
+        max_tokens: int = 0, temperature: float | None = None, top_k: int = 0, top_p: float | None = None,
+        stop: Sequence[str] = (), seed: int | None = None, takeover: bool = False,
+    ) -> TokenStream:
+        """Feed `prompt`, then generate; iterate the result to get tokens as they arrive.
+
+        Without `session_id`, a temporary session on `model` is used (and deleted after).
+        """
+        request = generate_request(
+            prompt, model=model, model_version=model_version, session_id=session_id, max_tokens=max_tokens,
+            temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed, takeover=takeover,
+        )
+        call = self.stub.Generate(request, metadata=self.options.metadata(), timeout=self.options.stream_timeout)
+        return TokenStream(call, call.cancel, session_id)
+
+    def stream(self, requests: Iterator[pb.StreamRequest]) -> Any:
+        """The raw Stream call (bidirectional), as `Session` drives it."""
+        return self.stub.Stream(requests, metadata=self.options.metadata(), timeout=self.options.stream_timeout)
+
+    def health(self, service: str = "") -> str:
+        """The serving status of `service` ("" is the whole server): "SERVING", "NOT_SERVING", ..."""
+        response = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

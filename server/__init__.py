@@ -1,0 +1,1 @@
+"""lstm-serve: the server side (model, training job, kernels, gRPC service)."""

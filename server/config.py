@@ -1,0 +1,42 @@
+"""Server settings: command-line flags over `LSTM_SERVE_*` environment variables over defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LSTM_SERVE_", extra="forbid")
+
+    models_dir: Path = Path("models")
+    host: str = "0.0.0.0"
+    port: int = Field(50051, ge=0, le=65535, description="0 picks a free port; the bound one is printed")
+    metrics_port: int = Field(8000, ge=0, le=65535, description="Prometheus /metrics over HTTP; 0 picks a free port")
+    backend: Literal["auto", "torch", "triton"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    threads: int = Field(2, ge=1, le=256, description="torch intra-op threads of the step")
+    max_batch_size: int = Field(128, ge=1, le=4096, description="rows in one batched step")
+    device_slots: int = Field(1024, ge=1, description="session states held on the device")
+    max_sessions: int = Field(4096, ge=1, description="sessions on device and host together")
+    max_queue: int = Field(1024, ge=1, description="requests waiting for the scheduler, per model")
+    max_prompt_tokens: int = Field(8192, ge=1)
+    max_new_tokens: int = Field(4096, ge=1)
+    prefill_chunk: int = Field(64, ge=1, description="prompt tokens a session feeds before yielding its turn to waiting sessions")
+    session_ttl: float = Field(600.0, gt=0, description="seconds an idle session lives")
+    max_session_ttl: float = Field(7 * 24 * 3600.0, gt=0, description="the longest TTL a client may ask for")
+    api_keys_file: Path | None = None
+    shutdown_delay: float = Field(5.0, ge=0, description="seconds of NOT_SERVING health before streams end on SIGTERM")
+    grace_period: float = Field(10.0, ge=0, description="seconds in-flight unary RPCs get to finish at shutdown")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServeSettings:
+        if self.max_sessions < self.device_slots:
+            raise ValueError(f"max_sessions ({self.max_sessions}) must be at least device_slots ({self.device_slots})")
+        if self.session_ttl > self.max_session_ttl:
+            raise ValueError("session_ttl must not exceed max_session_ttl")
+        return self

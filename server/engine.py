@@ -1,0 +1,258 @@
+"""The serving engine: what the gRPC servicer delegates to (no grpc here).
+
+It ties the model registry, the session store and the per-model schedulers together:
+session lifecycle (create, fork, reset, export, import, delete, expiry), attaching the
+stream that drives a session, and submitting its jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from server import blob, tokenizer
+from server.auth import Authenticator, Principal
+from server.config import ServeSettings
+from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from server.jobs import ErrorEvent, Event, FinishedEvent, GenerateSpec, Job, Outbox
+from server.metrics import Metrics
+from server.registry import ModelRegistry, ModelRuntime
+from server.sessions import Driver, Session, SessionStore
+
+log = logging.getLogger(__name__)
+EXPIRY_INTERVAL = 0.25  # seconds between expiry sweeps (and session gauge updates)
+
+
+class Engine:
+    def __init__(self, settings: ServeSettings, registry: ModelRegistry, metrics: Metrics) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.metrics = metrics
+        self.auth = Authenticator.from_file(settings.api_keys_file)
+        self.store = SessionStore(settings.max_sessions, settings.session_ttl, settings.max_session_ttl)
+        self._sweeper: asyncio.Task | None = None
+        self.ready = False  # models loaded and schedulers running
+        metrics.session_capacity.labels("device_per_model").set(settings.device_slots)
+        metrics.session_capacity.labels("total").set(settings.max_sessions)
+
+    async def start(self) -> None:
+        for runtime in self.registry.runtimes():
+            runtime.scheduler.start()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="expiry")
+        self.ready = True
+
+    def check_ready(self) -> None:
+        if not self.ready:
+            raise Unavailable("the server is still loading its models; retry shortly")
+
+    async def stop(self) -> None:
+        """End every open stream with UNAVAILABLE (naming its position), then stop the schedulers."""
+        self.ready = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for session in self.store:
+            if session.driver is not None:
+                session.driver.end(Unavailable(f"the server is shutting down; session {session.id} is at position {session.position}"))
+        for runtime in self.registry.runtimes():
+            await runtime.scheduler.stop()
+
+    # ---- sessions ------------------------------------------------------------------------
+
+    def runtime(self, session: Session) -> ModelRuntime:
+        return self.registry.get(session.model, session.version)
+
+    def get_session(self, principal: Principal, session_id: str) -> Session:
+        """The caller's live session; one past its TTL is expired on the spot."""
+        session = self.store.get(session_id, principal.name)
+        if session.expires_at <= time.time() and session.idle and session.driver is None:
+            self._end(session, "expired")
+            return self.store.get(session_id, principal.name)  # raises NOT_FOUND ... expired
+        return session
+
+    def list_sessions(self, principal: Principal) -> list[Session]:
+        return self.store.owned_by(principal.name)
+
+    async def create_session(self, principal: Principal, model: str, version: str, seed: int | None, ttl: float | None) -> Session:
+        """A new session that has absorbed <bos>."""
+        runtime = self.registry.get(model, version)
+        session = self._register(principal, runtime, seed, ttl)
+        try:
+            await self._run_quietly(runtime, session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
+        except BaseException:
+            self._end(session, "deleted")
+            raise
+        return session
+
+    async def reset_session(self, principal: Principal, session_id: str) -> Session:
+        """Back to a new session's state (position 1); queued behind the session's requests."""
+        session = self.get_session(principal, session_id)
+        await self._run_quietly(self.runtime(session), session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
+        return session
+
+    async def fork_session(self, principal: Principal, session_id: str, seed: int | None, ttl: float | None) -> Session:
+        parent = self.get_session(principal, session_id)
+        await self._settled(parent, "fork")
+        runtime = self.runtime(parent)
+        child = self._register(principal, runtime, parent.seed if seed is None else seed, ttl)
+        child.position, child.logits = parent.position, parent.logits.clone()
+        parent.touch()
+        await runtime.scheduler.in_step_thread(runtime.residency.copy_state, parent, child)
+        return child
+
+    async def export_session(self, principal: Principal, session_id: str) -> tuple[bytes, Session]:
+        session = self.get_session(principal, session_id)
+        await self._settled(session, "export")
+        runtime = self.runtime(session)
+        position, logits = session.position, session.logits.clone()
+        session.touch()
+        state = await runtime.scheduler.in_step_thread(runtime.residency.state_bytes, session)
+        packed = blob.pack(blob.SessionBlob(runtime.name, runtime.version, position, session.seed, state, logits))
+        return packed, session
+
+    async def import_session(self, principal: Principal, data: bytes, ttl: float | None) -> Session:
+        exported = blob.unpack(data)
+        runtime = self.registry.by_fingerprint(exported.fingerprint)
+        if runtime is None:
+            raise FailedPrecondition(
+                f"the blob is for model {exported.model!r} version {exported.fingerprint[:12]}, which this server has not loaded"
+            )
+        if exported.logits.numel() != runtime.vocab_size:
+            raise InvalidArgument(f"the blob's logits have {exported.logits.numel()} entries, the model's vocabulary {runtime.vocab_size}")
+        session = self._register(principal, runtime, exported.seed, ttl)
+        session.position, session.logits = exported.position, exported.logits.to(runtime.device)
+        try:
+            placed = await runtime.scheduler.in_step_thread(runtime.residency.load, session, exported.state)
+        except ValueError as e:
+            self._end(session, "deleted")
+            raise InvalidArgument(f"the blob's state does not fit model {runtime.name!r}: {e}") from e
+        if not placed:
+            self._end(session, "deleted")
+            raise ResourceExhausted("every device slot is in use by running requests; retry the import shortly", "capacity")
+        return session
+
+    def delete_session(self, principal: Principal, session_id: str) -> None:
+        self._end(self.get_session(principal, session_id), "deleted")
+
+    # ---- streams -------------------------------------------------------------------------
+
+    def attach(self, principal: Principal, session_id: str, takeover: bool) -> tuple[Session, Driver]:
+        """Make a new stream the driver of the session (see SessionStore.attach)."""
+        session = self.get_session(principal, session_id)
+        runtime = self.runtime(session)
+        driver = Driver(Outbox(on_drain=runtime.scheduler.wake))
+        self.store.attach(session, driver, takeover)
+        runtime.scheduler.wake()  # a takeover cancelled the old stream's jobs
+        return session, driver
+
+    def detach(self, session: Session, driver: Driver) -> None:
+        self.store.detach(session, driver)
+        if not session.closed:
+            self.runtime(session).scheduler.wake()
+
+    def submit(self, session: Session, job: Job) -> None:
+        if session.closed:
+            raise NotFound(f"session {session.id} was deleted")
+        try:
+            self.runtime(session).scheduler.submit(session, job)
+        except ResourceExhausted as e:
+            self.metrics.sessions_rejected.labels(e.reason).inc()
+            raise
+
+    async def generate(
+        self, principal: Principal, session_id: str, model: str, version: str,
+        prompt: list[int], spec: GenerateSpec, seed: int | None, takeover: bool,
+    ) -> AsyncIterator[tuple[Session, Event]]:
+        """Feed `prompt`, then generate; yields (session, event) until the finished event.
+        Without a session id a temporary session is created, and deleted at the end."""
+        temporary = None
+        if not session_id:
+            temporary = await self.create_session(principal, model, version, seed, None)
+            session_id = temporary.id
+        elif seed is not None:
+            raise InvalidArgument("seed applies to temporary sessions only; a session keeps the seed it was created with")
+        try:
+            session, driver = self.attach(principal, session_id, takeover)
+            job = Job("", driver.outbox, feed=prompt, generate=spec)
+            try:
+                self.submit(session, job)
+                while True:
+                    event = await driver.outbox.get()
+                    if isinstance(event, ErrorEvent):
+                        raise event.error
+                    yield session, event
+                    if isinstance(event, FinishedEvent):
+                        return
+            finally:
+                job.cancel()
+                self.detach(session, driver)
+        finally:
+            if temporary is not None:
+                self._end(temporary, "temporary")
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _register(self, principal: Principal, runtime: ModelRuntime, seed: int | None, ttl: float | None) -> Session:
+        try:
+            session = self.store.new(principal.name, runtime.name, runtime.version, seed, ttl, principal.max_sessions)
+        except ResourceExhausted as e:
+            self.metrics.sessions_rejected.labels(e.reason).inc()
+            raise
+        session.logits = runtime.zero_logits()
+        self.metrics.sessions_created.labels(runtime.name).inc()
+        return session
+
+    async def _settled(self, session: Session, action: str) -> None:
+        """Wait out cancelled requests' last steps; refuse while a live request runs."""
+        if any(not job.cancelled for job in session.jobs):
+            raise FailedPrecondition(f"cannot {action} session {session.id} while a request on it is running; wait for it to finish")
+        await self.runtime(session).scheduler.settle(session)
+        if not session.idle:
+            raise FailedPrecondition(f"cannot {action} session {session.id}: a new request on it started; wait for it to finish")
+
+    async def _run_quietly(self, runtime: ModelRuntime, session: Session, job: Job) -> None:
+        """Submit `job` and wait for it to finish (its events are not needed)."""
+        self.submit(session, job)
+        try:
+            while True:
+                event = await job.outbox.get()
+                if isinstance(event, FinishedEvent):
+                    return
+        finally:
+            job.cancel()
+
+    def _end(self, session: Session, reason: str) -> None:
+        """Remove a session, end its stream, and free its state (in the step thread)."""
+        if session.closed:
+            return
+        self.store.remove(session, expired=reason == "expired")
+        if session.driver is not None:
+            session.driver.end(NotFound(f"session {session.id} was {'deleted' if reason == 'deleted' else reason}"))
+        runtime = self.runtime(session)
+        runtime.scheduler.wake()
+        runtime.scheduler.executor.submit(runtime.residency.release, session)
+        self.metrics.sessions_ended.labels(reason).inc()
+        if reason == "expired":
+            self.metrics.sessions_expired.inc()
+        self.metrics.session_lifetime.observe(time.time() - session.created_at)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                now = time.time()
+                for session in self.store.due_to_expire(now):
+                    self._end(session, "expired")
+                self._update_gauges()
+            except Exception:  # keep sweeping; one bad session must not stop expiry for all
+                log.exception("expiry sweep failed")
+            await asyncio.sleep(EXPIRY_INTERVAL)
+
+    def _update_gauges(self) -> None:
+        on_device = sum(1 for s in self.store if s.on_device)
+        on_host = len(self.store) - on_device
+        per_slot = {r.version: r.pool.state_bytes_per_slot for r in self.registry.runtimes()}
+        self.metrics.sessions.labels("device").set(on_device)
+        self.metrics.sessions.labels("host").set(on_host)
+        self.metrics.state_memory.labels("device").set(sum(r.pool.capacity * r.pool.state_bytes_per_slot for r in self.registry.runtimes()))
+        self.metrics.state_memory.labels("host").set(sum(per_slot.get(s.version, 0) for s in self.store if not s.on_device))

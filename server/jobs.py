@@ -1,0 +1,153 @@
+"""A job is one feed and/or generate request on one session; its events go to an outbox.
+
+A job first absorbs its input tokens (feed), then, if asked, generates: each generated token
+is sampled from the session's next-token logits, absorbed, and only then reported. Events
+carry the position after the token. The scheduler drives jobs; the RPC handler reads the
+outbox. Nothing here touches tensors of the pool or grpc.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from server import tokenizer
+from server.sampling import SamplingParams
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP_SEQUENCE = "stop_sequence"
+    END_TOKEN = "end_token"
+    CANCELLED = "cancelled"
+    FED = "fed"
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    request_id: str
+    token: int
+    text: str
+    logprob: float
+    position: int
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    # generated tokens: seconds since the request arrived (the first) or since the previous one
+    latency: float | None = None
+    first: bool = False
+
+
+@dataclass(frozen=True)
+class FinishedEvent:
+    request_id: str
+    reason: FinishReason
+    fed_tokens: int
+    generated_tokens: int
+    position: int
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """Ends the stream with an error (the session was deleted, expired or taken over)."""
+
+    error: Exception
+
+
+Event = TokenEvent | FinishedEvent | ErrorEvent
+
+
+class Outbox:
+    """Events on their way to one RPC. The scheduler pauses a job whose outbox is full, so a
+    client that stops reading stops its session a few tokens past what it was sent."""
+
+    def __init__(self, limit: int = 8, on_drain: Callable[[], None] = lambda: None) -> None:
+        self.limit = limit
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._on_drain = on_drain
+
+    def put(self, event: Event) -> None:
+        self._queue.put_nowait(event)
+
+    def has_room(self) -> bool:
+        return self._queue.qsize() < self.limit
+
+    async def get(self) -> Event:
+        event = await self._queue.get()
+        if self._queue.qsize() == self.limit - 1:
+            self._on_drain()  # the scheduler may run this job again
+        return event
+
+
+@dataclass(frozen=True)
+class GenerateSpec:
+    max_tokens: int
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(eq=False)
+class Job:
+    request_id: str
+    outbox: Outbox
+    feed: list[int] = field(default_factory=list)
+    generate: GenerateSpec | None = None
+    return_logprobs: bool = False  # a TokenEvent per fed token
+    top_logprobs: int = 0
+    reset: bool = False  # zero the session's state first (creation, ResetSession)
+    fed: int = 0
+    generated: int = 0
+    cancelled: bool = False
+    done: bool = False
+    created_at: float = field(default_factory=time.perf_counter)
+    _last_token_at: float | None = None
+    _decoder: tokenizer.IncrementalDecoder = field(default_factory=tokenizer.IncrementalDecoder)
+    _text_tail: str = ""  # the end of the generated text, long enough to match stop sequences
+
+    @property
+    def feeding(self) -> bool:
+        return self.fed < len(self.feed)
+
+    def feed_chunk(self, limit: int) -> list[int]:
+        """The next input tokens to absorb, at most `limit`."""
+        return self.feed[self.fed : self.fed + limit]
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def absorbed(self, token: int, logprob: float, position: int, top: tuple[tuple[int, float], ...] = ()) -> None:
+        """Record one absorbed token (fed or generated) and report it; finish when complete."""
+        text = self._decoder.push(token)
+        if self.feeding:
+            self.fed += 1
+            if self.return_logprobs:
+                self.outbox.put(TokenEvent(self.request_id, token, text, logprob, position, top))
+            if not self.feeding and self.generate is None:
+                self.finish(FinishReason.FED, position)
+            return
+        self.generated += 1
+        now = time.perf_counter()
+        latency = now - (self._last_token_at or self.created_at)
+        self._last_token_at = now
+        self.outbox.put(TokenEvent(self.request_id, token, text, logprob, position, (), latency, self.generated == 1))
+        reason = self._finish_reason(token, text)
+        if reason is not None:
+            self.finish(reason, position)
+
+    def _finish_reason(self, token: int, text: str) -> FinishReason | None:
+        spec = self.generate
+        if token == tokenizer.EOS:
+            return FinishReason.END_TOKEN
+        if spec.stop:
+            self._text_tail = (self._text_tail + text)[-max(map(len, spec.stop)) * 2 :]
+            if any(self._text_tail.endswith(s) for s in spec.stop):
+                return FinishReason.STOP_SEQUENCE
+        if self.generated >= spec.max_tokens:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, reason: FinishReason, position: int) -> None:
+        if not self.done:
+            self.done = True
+            self.outbox.put(FinishedEvent(self.request_id, reason, self.fed, self.generated, position))

@@ -1,0 +1,134 @@
+"""The models a server serves: every top-level `*.safetensors` in the models directory.
+
+A model is named by its file stem; its version is the checkpoint's fingerprint. Each loaded
+version gets a runtime: its weights on the device, a state pool, a step backend and a
+scheduler. An invalid file is skipped with a log line (and a metric), never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from server import checkpoint
+from server.config import ServeSettings
+from server.errors import NotFound
+from server.kernels import make_backend
+from server.metrics import Metrics
+from server.residency import DeviceResidency
+from server.scheduler import Scheduler, StepStats
+from server.state_pool import StatePool
+
+log = logging.getLogger(__name__)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelRuntime:
+    name: str
+    meta: checkpoint.CheckpointMeta
+    path: Path
+    device: torch.device
+    pool: StatePool
+    residency: DeviceResidency
+    scheduler: Scheduler
+    backend_name: str
+    dtype: torch.dtype
+
+    @property
+    def version(self) -> str:
+        return self.meta.fingerprint
+
+    @property
+    def vocab_size(self) -> int:
+        return self.meta.model.vocab_size
+
+    def zero_logits(self) -> torch.Tensor:
+        """Placeholder next-token logits of a session that has absorbed nothing yet."""
+        return torch.zeros(self.vocab_size, device=self.device)
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but CUDA is not available")
+    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+class ModelRegistry:
+    def __init__(self, settings: ServeSettings, metrics: Metrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.device = pick_device(settings.device)
+        self._models: dict[str, list[ModelRuntime]] = {}  # name -> versions, newest last
+
+    def load_all(self) -> None:
+        """Load every valid top-level *.safetensors file of the models directory."""
+        models_dir = self.settings.models_dir
+        if not models_dir.is_dir():
+            raise ValueError(f"models directory {models_dir} does not exist")
+        for path in sorted(models_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
+            try:
+                self.add(path)
+            except (checkpoint.CheckpointError, ValueError) as e:
+                log.error("skipping invalid model file %s: %s", path, e)
+                self.metrics.invalid_model_files.inc()
+
+    def add(self, path: Path) -> ModelRuntime:
+        started = time.perf_counter()
+        loaded = checkpoint.load(path, self.device)
+        runtime = self._runtime(path.stem, loaded)
+        self._models.setdefault(runtime.name, []).append(runtime)
+        seconds = time.perf_counter() - started
+        self.metrics.model_load_duration.labels(runtime.name).observe(seconds)
+        cfg = loaded.meta.model
+        self.metrics.init_model(runtime.name, runtime.backend_name)
+        self.metrics.model_info.labels(
+            runtime.name, runtime.version, cfg.cell, str(cfg.layers), str(cfg.hidden), runtime.backend_name, str(self.device)
+        ).set(1)
+        log.info("loaded model %s version %s (%s, %d layers, hidden %d) in %.2fs", runtime.name, runtime.version[:12], cfg.cell, cfg.layers, cfg.hidden, seconds)
+        return runtime
+
+    def _runtime(self, name: str, loaded: checkpoint.Checkpoint) -> ModelRuntime:
+        s, metrics = self.settings, self.metrics
+        pool = StatePool(loaded.meta.model, self.device, initial_slots=min(64, s.device_slots), max_slots=s.device_slots)
+        dtype = None if s.dtype == "auto" else DTYPES[s.dtype]
+        backend = make_backend(loaded.model, pool, s.backend, dtype)
+        moved = {"to_host": metrics.sessions_to_host.labels(name), "to_device": metrics.sessions_to_device.labels(name)}
+        residency = DeviceResidency(pool, on_move=lambda direction: moved[direction].inc())
+        step_hist = metrics.step_duration.labels(name, backend.name)
+        batch_hist, wait_hist = metrics.batch_size.labels(name), metrics.queue_wait.labels(name)
+        fed, generated = metrics.tokens_fed.labels(name), metrics.tokens_generated.labels(name)
+
+        def on_iteration(stats: StepStats) -> None:
+            step_hist.observe(stats.seconds)
+            batch_hist.observe(stats.rows)
+            fed.inc(stats.fed)
+            generated.inc(stats.generated)
+            for wait in stats.queue_wait:
+                wait_hist.observe(wait)
+
+        scheduler = Scheduler(backend, residency, s.max_batch_size, s.max_queue, s.prefill_chunk, on_iteration)
+        return ModelRuntime(name, loaded.meta, loaded.path, self.device, pool, residency, scheduler, backend.name, backend.dtype)
+
+    def get(self, name: str, version: str = "") -> ModelRuntime:
+        """The model `name` at `version` (a fingerprint or a unique prefix of one), else its newest."""
+        versions = self._models.get(name)
+        if not versions:
+            known = ", ".join(sorted(self._models)) or "none"
+            raise NotFound(f"unknown model {name!r}; loaded models: {known}")
+        if not version:
+            return versions[-1]
+        matches = [r for r in versions if r.version.startswith(version)]
+        if len(matches) != 1:
+            raise NotFound(f"model {name!r} has no loaded version {version!r}; loaded: {', '.join(r.version[:12] for r in versions)}")
+        return matches[0]
+
+    def by_fingerprint(self, fingerprint: str) -> ModelRuntime | None:
+        return next((r for r in self.runtimes() if r.version == fingerprint), None)
+
+    def runtimes(self) -> list[ModelRuntime]:
+        return [r for versions in self._models.values() for r in versions]

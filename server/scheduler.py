@@ -1,0 +1,282 @@
+"""Continuous batching: one loop per model turns every session's pending work into batched steps.
+
+Each iteration takes up to max_batch_size sessions that have a job (round-robin; at most
+one job per session, FIFO within it; a session whose client stopped reading is skipped),
+then, in the step thread:
+  1. makes their states resident in the device pool,
+  2. samples the next token of every generating row from its stored logits, in one batch,
+  3. runs batched steps: sub-step 0 holds every row; a row that is feeding a prompt goes on
+     for up to `prefill_chunk` tokens in the following sub-steps, so a long prompt moves fast
+     yet delays the others' next token by a bounded amount,
+and back on the event loop hands each job its absorbed tokens. Pool operations (fork,
+reset, export, import, free) also run in the step thread, between iterations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import torch
+
+from server.errors import ResourceExhausted
+from server.jobs import FinishReason, Job
+from server.kernels import StepBackend
+from server.residency import DeviceResidency
+from server.sampling import sample
+from server.sessions import Session
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class Row:
+    """One session's part of an iteration."""
+
+    session: Session
+    job: Job
+    tokens: list[int]  # to absorb: a prompt chunk, or filled with the sampled token
+    position: int  # the session's position before this iteration
+    generating: bool  # the tokens are sampled, not fed
+    absorbed: list[tuple[int, float, tuple]] = field(default_factory=list)  # (token, logprob, top)
+    logits: torch.Tensor | None = None  # next-token logits after the last absorbed token
+
+
+@dataclass
+class StepStats:
+    """What one iteration did, for metrics."""
+
+    rows: int
+    steps: int
+    seconds: float
+    queue_wait: list[float]  # of the requests that got their first step
+    fed: int  # tokens absorbed from input
+    generated: int  # tokens sampled and absorbed
+
+
+class Scheduler:
+    def __init__(
+        self,
+        backend: StepBackend,
+        residency: DeviceResidency,
+        max_batch_size: int,
+        max_queue: int,
+        prefill_chunk: int,
+        on_iteration: Callable[[StepStats], None] = lambda stats: None,
+    ) -> None:
+        self.backend = backend
+        self.residency = residency
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.on_iteration = on_iteration
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="step")
+        self._ready: deque[Session] = deque()
+        self._queued = 0  # jobs submitted and not finished
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._submitted_at: dict[int, float] = {}  # id(job) -> when it was submitted
+        self._settle_waiters: dict[str, list[asyncio.Future]] = {}  # session id -> settle() calls
+
+    # ---- the public surface --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
+
+    async def stop(self) -> None:
+        """Finish the running iteration, then stop; the step thread ends after pending pool ops."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=True)
+
+    def submit(self, session: Session, job: Job) -> None:
+        """Queue `job` behind `session`'s earlier ones; RESOURCE_EXHAUSTED when the queue is full."""
+        if self._queued >= self.max_queue:
+            raise ResourceExhausted(f"the model's request queue is full ({self.max_queue} requests); retry later", "queue_full")
+        self._queued += 1
+        self._submitted_at[id(job)] = time.perf_counter()
+        session.jobs.append(job)
+        self._mark_ready(session)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def settle(self, session: Session) -> None:
+        """Wait until `session` has no job queued or running (e.g. a cancelled one's last step)."""
+        if session.idle:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._settle_waiters.setdefault(session.id, []).append(waiter)
+        await waiter
+
+    async def in_step_thread(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a pool operation in the step thread, between iterations."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def _mark_ready(self, session: Session) -> None:
+        if not session.scheduled:
+            session.scheduled = True
+            self._ready.append(session)
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            rows = self._plan()
+            if not rows:
+                await self._wake.wait()
+                continue
+            started = time.perf_counter()
+            try:
+                steps = await loop.run_in_executor(self.executor, self._execute, rows)
+            except Exception:  # a bug, not bad input: keep serving the other sessions
+                log.exception("step failed; cancelling the %d requests of this batch", len(rows))
+                for row in rows:
+                    row.job.cancel()
+                steps = 0
+            seconds = time.perf_counter() - started
+            waits = [started - self._submitted_at.get(id(r.job), started) for r in rows if r.job.fed + r.job.generated == 0]
+            generated = sum(len(r.absorbed) for r in rows if r.generating)
+            fed = sum(len(r.absorbed) for r in rows) - generated
+            self._deliver(rows)
+            self.on_iteration(StepStats(len(rows), steps, seconds, waits, fed, generated))
+
+    def _plan(self) -> list[Row]:
+        """Up to max_batch_size sessions with runnable jobs, in round-robin order."""
+        rows: list[Row] = []
+        waiting: list[Session] = []
+        limit = min(self.max_batch_size, self.residency.pool.max_slots)
+        while self._ready and len(rows) < limit:
+            session = self._ready.popleft()
+            job = self._current_job(session)
+            if job is None:
+                self._unschedule(session)
+            elif not job.outbox.has_room():
+                waiting.append(session)  # its client is not reading: pause it
+            else:
+                tokens = job.feed_chunk(self.prefill_chunk) if job.feeding else []
+                position = 0 if job.reset and job.fed == 0 else session.position
+                rows.append(Row(session, job, tokens, position, generating=not job.feeding))
+        self._ready.extendleft(reversed(waiting))
+        return rows
+
+    def _current_job(self, session: Session) -> Job | None:
+        """The session's first live job; cancelled ones are finished on the way."""
+        while session.jobs:
+            job = session.jobs[0]
+            if not (job.cancelled or job.done or session.closed):
+                return job
+            job.finish(FinishReason.CANCELLED, session.position)
+            self._retire(session)
+        return None
+
+    def _unschedule(self, session: Session) -> None:
+        """`session` has no work left: wake whoever waits for it to settle."""
+        session.scheduled = False
+        for waiter in self._settle_waiters.pop(session.id, []):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def _retire(self, session: Session) -> None:
+        job = session.jobs.popleft()
+        self._queued -= 1
+        self._submitted_at.pop(id(job), None)
+
+    def _deliver(self, rows: list[Row]) -> None:
+        """Hand each job its absorbed tokens (on the event loop), then requeue its session."""
+        for row in rows:
+            session, job = row.session, row.job
+            if row.absorbed and job.reset and job.fed == 0:
+                session.position = 0
+            for token, logprob, top in row.absorbed:
+                session.position += 1
+                job.absorbed(token, logprob, session.position, top)
+            if row.logits is not None:
+                session.logits = row.logits
+                session.touch()
+            if job.cancelled and not job.done:
+                job.finish(FinishReason.CANCELLED, session.position)
+            if job.done and session.jobs and session.jobs[0] is job:
+                self._retire(session)
+            if session.jobs:  # closed sessions too: _plan retires their jobs
+                session.scheduled = False
+                self._mark_ready(session)
+            else:
+                self._unschedule(session)
+
+    # ---- the step thread -------------------------------------------------------------------
+
+    def _execute(self, rows: list[Row]) -> int:
+        """Residency, sampling and the batched steps of one iteration; returns steps run."""
+        pinned = {row.session.id for row in rows}
+        runnable = [r for r in rows if not r.session.closed and self.residency.make_resident(r.session, pinned)]
+        if not runnable:
+            return 0
+        self._sample(runnable)
+        device = self.backend.pool.device
+        prev = torch.stack([r.session.logits for r in runnable]).to(device)  # [R, V]
+        for i, row in enumerate(runnable):
+            if row.job.reset and row.job.fed == 0:
+                self.residency.reset(row.session)
+                prev[i] = 0
+        steps = max(len(r.tokens) for r in runnable)
+        for j in range(steps):
+            active = [i for i, r in enumerate(runnable) if len(r.tokens) > j]
+            tokens = torch.tensor([runnable[i].tokens[j] for i in active], device=device)
+            slots = torch.tensor([runnable[i].session.slot for i in active], device=device)
+            logprobs = torch.log_softmax(prev[active].float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
+            logits = self.backend.step(tokens, slots)  # [A, V]
+            prev[active] = logits
+            self._record(runnable, active, tokens, logprobs, logits)
+        for i, row in enumerate(runnable):
+            row.logits = prev[i].clone()
+        return steps
+
+    def _sample(self, rows: list[Row]) -> None:
+        """Draw the next token of every generating row, as one batch."""
+        gen = [r for r in rows if r.generating]
+        if not gen:
+            return
+        specs = [r.job.generate.sampling for r in gen]
+        device = self.backend.pool.device
+        chosen = sample(
+            torch.stack([r.session.logits for r in gen]).to(device),
+            torch.tensor([r.session.sampling_seed for r in gen], device=device),
+            torch.tensor([r.position for r in gen], device=device),
+            torch.tensor([s.temperature for s in specs], dtype=torch.float64, device=device),
+            torch.tensor([s.top_k for s in specs], device=device),
+            torch.tensor([s.top_p for s in specs], dtype=torch.float64, device=device),
+        )
+        for row, token in zip(gen, chosen.tolist()):
+            row.tokens = [token]
+
+    @staticmethod
+    def _record(rows: list[Row], active: list[int], tokens, logprobs, logits) -> None:
+        top_k = max(rows[i].job.top_logprobs if rows[i].job.return_logprobs else 0 for i in active)
+        top = None
+        if top_k:
+            values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
+            top = list(zip(ids.tolist(), values.tolist()))
+        for n, (i, token, logprob) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
+            row = rows[i]
+            k = row.job.top_logprobs if row.job.return_logprobs else 0
+            alternatives = tuple(zip(top[n][0][:k], top[n][1][:k])) if k else ()
+            row.absorbed.append((token, logprob, alternatives))

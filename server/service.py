@@ -1,0 +1,182 @@
+"""The gRPC servicer: each RPC translates its request, delegates to the engine, and the
+decorators authenticate, map errors to status codes and record metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from client.lstmserve.v1 import lstm_serve_pb2 as pb
+from client.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
+from server import translate
+from server.auth import Principal
+from server.engine import Engine
+from server.errors import InvalidArgument, ServeError
+from server.jobs import TokenEvent
+from server.metrics import Metrics
+from server.streams import Opened, run_stream
+
+log = logging.getLogger(__name__)
+METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["LstmServeService"].methods]
+
+
+def principal_of(engine: Engine, context: grpc.aio.ServicerContext) -> Principal:
+    """The authenticated caller; UNAVAILABLE while the server is not ready."""
+    engine.check_ready()
+    metadata = dict(context.invocation_metadata() or ())
+    return engine.auth.authenticate(metadata.get("authorization"))
+
+
+class _Call:
+    """Status bookkeeping of one RPC: the code it ends with, for the metrics."""
+
+    def __init__(self, metrics: Metrics, method: str) -> None:
+        self.metrics, self.method, self.code = metrics, method, "OK"
+        self.started = time.perf_counter()
+
+    async def fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
+        """End the RPC with the error's status (raises grpc.aio.AbortError)."""
+        if isinstance(error, ServeError):
+            self.code = error.code
+            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+        else:
+            log.error("unexpected error in %s", self.method, exc_info=error)
+            self.code = "INTERNAL"
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self.method}; the server log has details")
+
+    def done(self, cancelled: bool) -> None:
+        code = "CANCELLED" if cancelled else self.code
+        self.metrics.requests.labels(self.method, code).inc()
+        self.metrics.rpc_duration.labels(self.method).observe(time.perf_counter() - self.started)
+
+
+def unary(method: Callable) -> Callable:
+    @functools.wraps(method)
+    async def handler(self: LstmServeServicer, request, context):
+        call, cancelled = _Call(self.metrics, method.__name__), False
+        try:
+            return await method(self, request, principal_of(self.engine, context))
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # every failure gets a status; unexpected ones are logged
+            await call.fail(context, e)
+        finally:
+            call.done(cancelled)
+
+    return handler
+
+
+def streaming(method: Callable) -> Callable:
+    @functools.wraps(method)
+    async def handler(self: LstmServeServicer, request, context):
+        call, cancelled = _Call(self.metrics, method.__name__), False
+        in_flight = self.metrics.streams_in_flight.labels(method.__name__)
+        in_flight.inc()
+        try:
+            async for response in method(self, request, principal_of(self.engine, context)):
+                yield response
+        except (asyncio.CancelledError, GeneratorExit):
+            cancelled = True
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:  # every failure gets a status; unexpected ones are logged
+            await call.fail(context, e)
+        finally:
+            in_flight.dec()
+            call.done(cancelled)
+
+    return handler
+
+
+class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.settings = engine.settings
+        self.metrics = engine.metrics
+
+    def _observe(self, model: str, event: TokenEvent) -> None:
+        if event.latency is not None:
+            histogram = self.metrics.time_to_first_token if event.first else self.metrics.inter_token_latency
+            histogram.labels(model).observe(event.latency)
+
+    @unary
+    async def ListModels(self, request, principal):
+        return pb.ListModelsResponse(models=[translate.model_info(r) for r in self.engine.registry.runtimes()])
+
+    @unary
+    async def CreateSession(self, request, principal):
+        session = await self.engine.create_session(
+            principal, request.model, request.model_version, translate.optional_seed(request), translate.ttl_seconds(request)
+        )
+        return pb.CreateSessionResponse(session=translate.session_message(session))
+
+    @unary
+    async def GetSession(self, request, principal):
+        return pb.GetSessionResponse(session=translate.session_message(self.engine.get_session(principal, request.session_id)))
+
+    @unary
+    async def ListSessions(self, request, principal):
+        sessions = self.engine.list_sessions(principal)
+        return pb.ListSessionsResponse(sessions=[translate.session_message(s) for s in sessions])
+
+    @unary
+    async def DeleteSession(self, request, principal):
+        self.engine.delete_session(principal, request.session_id)
+        return pb.DeleteSessionResponse()
+
+    @unary
+    async def ResetSession(self, request, principal):
+        session = await self.engine.reset_session(principal, request.session_id)
+        return pb.ResetSessionResponse(session=translate.session_message(session))
+
+    @unary
+    async def ForkSession(self, request, principal):
+        session = await self.engine.fork_session(
+            principal, request.session_id, translate.optional_seed(request), translate.ttl_seconds(request)
+        )
+        return pb.ForkSessionResponse(session=translate.session_message(session))
+
+    @unary
+    async def ExportSession(self, request, principal):
+        blob, session = await self.engine.export_session(principal, request.session_id)
+        return pb.ExportSessionResponse(blob=blob, session=translate.session_message(session))
+
+    @unary
+    async def ImportSession(self, request, principal):
+        session = await self.engine.import_session(principal, request.blob, translate.ttl_seconds(request))
+        return pb.ImportSessionResponse(session=translate.session_message(session))
+
+    @streaming
+    async def Generate(self, request, principal) -> AsyncIterator[pb.GenerateResponse]:
+        if not request.session_id and not request.model:
+            raise InvalidArgument("give session_id, or model for a temporary session")
+        prompt = translate.input_tokens(request.prompt, self.settings)
+        spec = translate.generate_spec(request.max_tokens, request.sampling, request.stop, self.settings, principal)
+        events = self.engine.generate(
+            principal, request.session_id, request.model, request.model_version, prompt, spec,
+            translate.optional_seed(request), request.takeover,
+        )
+        async for session, event in events:
+            if isinstance(event, TokenEvent):
+                self._observe(session.model, event)
+            yield translate.generate_response(session, event)
+
+    @streaming
+    async def Stream(self, requests, principal) -> AsyncIterator[pb.StreamResponse]:
+        commands = translate.stream_commands(requests, self.settings, principal)
+        model = ""
+        async for event in run_stream(self.engine, principal, commands):
+            if isinstance(event, Opened):
+                model = event.session.model
+            elif isinstance(event, TokenEvent):
+                self._observe(model, event)
+            yield translate.stream_response(event)

@@ -1,0 +1,165 @@
+"""Sessions: ids, ownership, time to live, capacity, and which stream drives each one.
+
+A session id is 128 random bits (32 hex characters). A session belongs to the caller that
+created it; to anyone else it does not exist. Idle sessions expire after their TTL (every
+use renews it); an expired id is remembered for a while, so that a late call hears
+'expired' rather than 'unknown'. One stream drives a session at a time.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from server.jobs import ErrorEvent, Job, Outbox
+
+ID_PATTERN = re.compile(r"[0-9a-f]{32}")
+EXPIRED_MEMORY = 100_000  # expired ids remembered, oldest forgotten first
+
+
+@dataclass(eq=False)
+class Driver:
+    """The stream (Stream or Generate RPC) attached to a session; its events go to `outbox`."""
+
+    outbox: Outbox
+
+    def end(self, error: Exception) -> None:
+        """End the stream with `error` (taken over, session deleted, server stopping)."""
+        self.outbox.put(ErrorEvent(error))
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    owner: str
+    model: str
+    version: str
+    seed: int  # uint64, as the client gave or received it
+    ttl: float  # seconds
+    created_at: float  # unix time
+    expires_at: float
+    position: int = 0  # tokens absorbed, <bos> included
+    logits: Tensor | None = None  # [V] fp32, next-token logits, on the backend's device
+    slot: int | None = None  # device pool slot, or None when the state is in host memory
+    host_state: bytes | None = None  # the state while off the device (None: zero state)
+    jobs: deque[Job] = field(default_factory=deque)  # FIFO of this session's requests
+    scheduled: bool = False  # in the scheduler's ready queue or in its running batch
+    driver: Driver | None = None
+    closed: bool = False
+
+    @property
+    def idle(self) -> bool:
+        return not self.jobs and not self.scheduled
+
+    @property
+    def on_device(self) -> bool:
+        return self.slot is not None
+
+    @property
+    def sampling_seed(self) -> int:
+        """The seed as a signed 64-bit integer (the sampler's int64 arithmetic)."""
+        return self.seed - (1 << 64) if self.seed >= 1 << 63 else self.seed
+
+    def touch(self, now: float | None = None) -> None:
+        self.expires_at = (now or time.time()) + self.ttl
+
+
+class SessionStore:
+    def __init__(self, max_sessions: int, default_ttl: float, max_ttl: float) -> None:
+        self.max_sessions = max_sessions
+        self.default_ttl = default_ttl
+        self.max_ttl = max_ttl
+        self._sessions: dict[str, Session] = {}
+        self._expired: OrderedDict[str, float] = OrderedDict()  # id -> unix time of expiry
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self):
+        return iter(list(self._sessions.values()))
+
+    def ttl(self, requested: float | None) -> float:
+        """The TTL for a new session: the default, or a requested one within (0, max]."""
+        if requested is None:
+            return self.default_ttl
+        if not 0 < requested <= self.max_ttl:
+            raise InvalidArgument(f"ttl must be in (0, {self.max_ttl:g}] seconds, got {requested:g}")
+        return requested
+
+    def new(self, owner: str, model: str, version: str, seed: int | None, ttl: float | None, owner_limit: int | None) -> Session:
+        """Register a new session (its state is set up by the caller)."""
+        if len(self._sessions) >= self.max_sessions:
+            raise ResourceExhausted(f"the server holds its maximum of {self.max_sessions} sessions; delete idle ones or retry later", "capacity")
+        if owner_limit is not None and self.count(owner) >= owner_limit:
+            raise ResourceExhausted(f"this API key already holds its maximum of {owner_limit} sessions; delete one first", "key_limit")
+        now = time.time()
+        seed = secrets.randbits(64) if seed is None else seed
+        session = Session(secrets.token_hex(16), owner, model, version, seed, self.ttl(ttl), now, now)
+        session.touch(now)
+        self._sessions[session.id] = session
+        return session
+
+    def get(self, session_id: str, owner: str) -> Session:
+        """The caller's session; NOT_FOUND for unknown, foreign and expired ids alike (the
+        message says 'expired' for the caller's expired ones)."""
+        if not ID_PATTERN.fullmatch(session_id or ""):
+            raise InvalidArgument(f"session_id must be 32 lowercase hex characters, got {session_id[:40]!r}")
+        session = self._sessions.get(session_id)
+        if session is not None and session.owner == owner:
+            return session
+        expired_at = self._expired.get(f"{owner}/{session_id}")
+        if expired_at is not None:
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expired_at))
+            raise NotFound(f"session {session_id} expired at {when} (idle past its TTL); create a new one")
+        raise NotFound(f"session {session_id} not found")
+
+    def owned_by(self, owner: str) -> list[Session]:
+        return [s for s in self._sessions.values() if s.owner == owner]
+
+    def count(self, owner: str) -> int:
+        return sum(1 for s in self._sessions.values() if s.owner == owner)
+
+    def remove(self, session: Session, expired: bool = False) -> None:
+        """Forget `session` (its slot is freed by the caller); remember expired ids."""
+        session.closed = True
+        self._sessions.pop(session.id, None)
+        for job in session.jobs:
+            job.cancel()
+        if expired:
+            self._expired[f"{session.owner}/{session.id}"] = time.time()
+            while len(self._expired) > EXPIRED_MEMORY:
+                self._expired.popitem(last=False)
+
+    def due_to_expire(self, now: float) -> list[Session]:
+        """Idle, undriven sessions past their expiry time."""
+        return [s for s in self._sessions.values() if s.expires_at <= now and s.idle and s.driver is None]
+
+    @staticmethod
+    def attach(session: Session, driver: Driver, takeover: bool) -> None:
+        """Make `driver` the one stream driving `session`; with takeover, end the old one."""
+        old = session.driver
+        if old is not None and old is not driver:
+            if not takeover:
+                raise FailedPrecondition(
+                    f"session {session.id} is driven by another stream; close it first or set takeover to end it"
+                )
+            for job in session.jobs:
+                job.cancel()
+            old.end(Aborted(f"session {session.id} was taken over by another stream at position {session.position}"))
+        session.driver = driver
+        session.touch()
+
+    @staticmethod
+    def detach(session: Session, driver: Driver) -> None:
+        if session.driver is driver:
+            session.driver = None
+            for job in session.jobs:
+                if job.outbox is driver.outbox:
+                    job.cancel()
+            session.touch()

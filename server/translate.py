@@ -1,0 +1,182 @@
+"""Between protobuf messages and the engine's types, validating on the way in.
+
+Every check raises InvalidArgument with a message that says what to fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from client.lstmserve.v1 import lstm_serve_pb2 as pb
+from server import tokenizer
+from server.auth import Principal
+from server.config import ServeSettings
+from server.errors import InvalidArgument
+from server.jobs import FinishedEvent, FinishReason, GenerateSpec, TokenEvent
+from server.registry import ModelRuntime
+from server.sampling import SamplingParams
+from server.sessions import Session
+from server.streams import Cancel, Command, Feed, Generate, Open, Opened
+
+MAX_STOP_SEQUENCES = 16
+MAX_STOP_LENGTH = 256
+MAX_TOP_LOGPROBS = 20
+FINISH_REASONS = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+    FinishReason.END_TOKEN: pb.FINISH_REASON_END_TOKEN,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+    FinishReason.FED: pb.FINISH_REASON_FED,
+}
+CELLS = {"lstm": pb.CELL_LSTM, "rnn": pb.CELL_RNN}
+
+
+# ---- requests -----------------------------------------------------------------------------
+
+
+def ttl_seconds(request, field: str = "ttl") -> float | None:
+    if not request.HasField(field):
+        return None
+    duration = getattr(request, field)
+    return duration.seconds + duration.nanos / 1e9
+
+
+def optional_seed(request) -> int | None:
+    return request.seed if request.HasField("seed") else None
+
+
+def input_tokens(message: pb.Input, settings: ServeSettings, what: str = "prompt") -> list[int]:
+    """The token ids of an Input (text or ids), within the prompt limit."""
+    kind = message.WhichOneof("kind")
+    if kind == "text":
+        tokens = tokenizer.encode(message.text)
+    elif kind == "tokens":
+        tokens = list(message.tokens.ids)
+        bad = next((t for t in tokens if t >= tokenizer.VOCAB_SIZE), None)
+        if bad is not None:
+            raise InvalidArgument(f"{what} token id {bad} is out of range: ids are 0-{tokenizer.VOCAB_SIZE - 1}")
+    else:
+        tokens = []
+    if len(tokens) > settings.max_prompt_tokens:
+        raise InvalidArgument(f"{what} has {len(tokens)} tokens; the limit is {settings.max_prompt_tokens}: split it into several feeds")
+    return tokens
+
+
+def sampling(message: pb.SamplingOptions) -> SamplingParams:
+    params = SamplingParams(
+        temperature=message.temperature if message.HasField("temperature") else 1.0,
+        top_k=message.top_k,
+        top_p=message.top_p if message.HasField("top_p") else 1.0,
+    )
+    try:
+        params.validate()
+    except ValueError as e:
+        raise InvalidArgument(str(e)) from e
+    return params
+
+
+def generate_spec(max_tokens: int, options: pb.SamplingOptions, stop, settings: ServeSettings, principal: Principal) -> GenerateSpec:
+    limit = min(settings.max_new_tokens, principal.max_tokens_per_request or settings.max_new_tokens)
+    if max_tokens > limit:
+        raise InvalidArgument(f"max_tokens {max_tokens} is above this server's limit of {limit}; ask for at most {limit}")
+    stop = tuple(stop)
+    if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_LENGTH for s in stop):
+        raise InvalidArgument(f"stop takes at most {MAX_STOP_SEQUENCES} non-empty sequences of at most {MAX_STOP_LENGTH} characters")
+    return GenerateSpec(max_tokens or limit, sampling(options), stop)
+
+
+def stream_commands(requests: AsyncIterator[pb.StreamRequest], settings: ServeSettings, principal: Principal) -> AsyncIterator[Command]:
+    async def commands() -> AsyncIterator[Command]:
+        async for request in requests:
+            yield stream_command(request, settings, principal)
+
+    return commands()
+
+
+def stream_command(request: pb.StreamRequest, settings: ServeSettings, principal: Principal) -> Command:
+    kind = request.WhichOneof("kind")
+    rid = request.request_id
+    if kind == "open":
+        return Open(rid, request.open.session_id, request.open.takeover)
+    if kind == "feed":
+        feed = request.feed
+        tokens = input_tokens(feed.input, settings, "feed input")
+        if not tokens:
+            raise InvalidArgument("feed input is empty: give text or token ids")
+        if feed.top_logprobs > MAX_TOP_LOGPROBS:
+            raise InvalidArgument(f"top_logprobs is at most {MAX_TOP_LOGPROBS}, got {feed.top_logprobs}")
+        return Feed(rid, tokens, feed.return_logprobs, feed.top_logprobs)
+    if kind == "generate":
+        g = request.generate
+        return Generate(rid, generate_spec(g.max_tokens, g.sampling, g.stop, settings, principal))
+    if kind == "cancel":
+        return Cancel(rid, request.cancel.target_request_id)
+    raise InvalidArgument("a stream request needs one of open, feed, generate or cancel")
+
+
+# ---- responses ----------------------------------------------------------------------------
+
+
+def timestamp(unix: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(unix * 1e9))
+    return ts
+
+
+def duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+def session_message(session: Session) -> pb.Session:
+    return pb.Session(
+        id=session.id, model=session.model, model_version=session.version, seed=session.seed,
+        position=session.position, created_at=timestamp(session.created_at), expires_at=timestamp(session.expires_at),
+        ttl=duration(session.ttl),
+        location=pb.SESSION_LOCATION_DEVICE if session.on_device else pb.SESSION_LOCATION_HOST,
+        attached=session.driver is not None,
+    )
+
+
+def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
+    cfg, training = runtime.meta.model, runtime.meta.training
+    return pb.ModelInfo(
+        name=runtime.name, version=runtime.version, cell=CELLS[cfg.cell], layers=cfg.layers, hidden=cfg.hidden,
+        vocab_size=cfg.vocab_size, backend=runtime.backend_name, device=str(runtime.device),
+        dtype=str(runtime.dtype).removeprefix("torch."),
+        heldout_bits_per_byte=training.heldout_bits_per_byte if training and math.isfinite(training.heldout_bits_per_byte) else 0.0,
+        bos_token=tokenizer.BOS, eos_token=tokenizer.EOS,
+    )
+
+
+def token_message(event: TokenEvent) -> pb.Token:
+    return pb.Token(
+        id=event.token, text=event.text, logprob=event.logprob, position=event.position,
+        top_logprobs=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in event.top_logprobs],
+    )
+
+
+def finished_message(event: FinishedEvent) -> pb.Finished:
+    return pb.Finished(
+        reason=FINISH_REASONS[event.reason], fed_tokens=event.fed_tokens,
+        generated_tokens=event.generated_tokens, position=event.position,
+    )
+
+
+def generate_response(session: Session, event: TokenEvent | FinishedEvent) -> pb.GenerateResponse:
+    if isinstance(event, TokenEvent):
+        return pb.GenerateResponse(token=token_message(event), session_id=session.id)
+    return pb.GenerateResponse(finished=finished_message(event), session_id=session.id)
+
+
+def stream_response(event: Opened | TokenEvent | FinishedEvent) -> pb.StreamResponse:
+    if isinstance(event, Opened):
+        return pb.StreamResponse(request_id=event.request_id, opened=session_message(event.session))
+    if isinstance(event, TokenEvent):
+        return pb.StreamResponse(request_id=event.request_id, token=token_message(event))
+    return pb.StreamResponse(request_id=event.request_id, finished=finished_message(event))
