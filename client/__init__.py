@@ -23,8 +23,10 @@ _EXPORTS = {
     "FinishReason": "client.messages",
     "LstmServeError": "client.errors",
     "ModelInfo": "client.messages",
+    "ResumeResult": "client.history",
     "Session": "client.session",
     "SessionClosedError": "client.errors",
+    "SessionDataLostError": "client.errors",
     "SessionInfo": "client.messages",
     "StatusError": "client.errors",
     "Token": "client.messages",
@@ -37,8 +39,10 @@ if TYPE_CHECKING:  # the names, for type checkers (re-exported)
     from client.async_session import AsyncSession as AsyncSession
     from client.errors import LstmServeError as LstmServeError
     from client.errors import SessionClosedError as SessionClosedError
+    from client.errors import SessionDataLostError as SessionDataLostError
     from client.errors import StatusError as StatusError
     from client.messages import Finished as Finished
+    from client.history import ResumeResult as ResumeResult
     from client.messages import FinishReason as FinishReason
     from client.messages import ModelInfo as ModelInfo
     from client.messages import SessionInfo as SessionInfo

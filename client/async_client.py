@@ -57,6 +57,12 @@ class AsyncClient:
     async def get_session(self, session_id: str) -> SessionInfo:
         return (await self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id))).session
 
+    async def session_tokens(self, session_id: str, after: int) -> list[int]:
+        """The tokens the session absorbed after position `after` (the server keeps its last
+        8192; OUT_OF_RANGE beyond)."""
+        request = pb.GetSessionRequest(session_id=session_id, tokens_after=after)
+        return list((await self._call(self.stub.GetSession, request)).tokens)
+
     async def list_sessions(self) -> list[SessionInfo]:
         """The caller's sessions."""
         return list((await self._call(self.stub.ListSessions, pb.ListSessionsRequest())).sessions)

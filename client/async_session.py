@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
 
 from client.errors import LstmServeError, SessionClosedError, StatusError
+from client.history import REFEED_CHUNK, ResumeResult, TokenHistory
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from client.messages import Prompt, SessionInfo, make_input, make_sampling
 from client.token_stream import AsyncTokenStream
@@ -22,9 +23,9 @@ if TYPE_CHECKING:
 class _AsyncAttachment:
     """One Stream call: a reader task routes responses to per-request queues by request id."""
 
-    def __init__(self, call: grpc.aio.StreamStreamCall, on_position: Callable[[int], None]) -> None:
+    def __init__(self, call: grpc.aio.StreamStreamCall, history: TokenHistory) -> None:
         self._call = call
-        self._on_position = on_position
+        self._history = history  # sees every request sent and every event received
         self._queues: dict[str, asyncio.Queue[pb.StreamResponse | None]] = {}
         self._ids = itertools.count(1)
         self._write_lock = asyncio.Lock()
@@ -51,8 +52,7 @@ class _AsyncAttachment:
         try:
             while (response := await self._call.read()) is not grpc.aio.EOF:
                 assert isinstance(response, pb.StreamResponse)
-                if (event := response.WhichOneof("event")) is not None:
-                    self._on_position(getattr(response, event).position)
+                self._history.received(response)
                 if (queue := self._queues.get(response.request_id)) is not None:
                     queue.put_nowait(response)
             self._error = SessionClosedError("the server ended the session's stream")
@@ -86,6 +86,7 @@ class _AsyncAttachment:
         request.request_id = str(next(self._ids))
         if answered:
             self._queues[request.request_id] = asyncio.Queue()
+        self._history.sent(request)
         await self._write(request)
         return request.request_id
 
@@ -111,6 +112,13 @@ class _AsyncAttachment:
             if response.WhichOneof("event") == "finished":
                 return
 
+    async def abandon(self) -> None:
+        """End the call at once (its events are no longer wanted)."""
+        self._closed = True
+        self._call.cancel()
+        if self._reader is not None:
+            await self._reader
+
     async def close(self, grace: float) -> None:
         """Cancel open requests, half-close, and wait up to `grace` s for the server to end the call."""
         if self._closed:
@@ -132,8 +140,8 @@ class AsyncSession:
     """A session on the server. Feeding and generating attach a Stream call to it (once).
 
     `close()` (or leaving an `async with` block) detaches and, unless `keep`, deletes it.
-    Once the stream ends (another stream took over: ABORTED; the connection dropped:
-    UNAVAILABLE), calls raise that status until `resume()` re-attaches.
+    Once the stream ends (another stream took over: ABORTED; the connection dropped or the
+    server stopped: UNAVAILABLE), calls raise that status until `resume()` re-attaches.
     """
 
     def __init__(self, client: AsyncClient, session: SessionInfo | str, *, keep: bool) -> None:
@@ -143,13 +151,18 @@ class AsyncSession:
         self.id: str = session.id if isinstance(session, SessionInfo) else session
         self.keep = keep
         """Whether `close()` leaves the session on the server."""
-        self._position = self.info.position if self.info else 0
+        self._history = TokenHistory(self.info)
         self._attachment: _AsyncAttachment | None = None
 
     @property
     def position(self) -> int:
         """Tokens absorbed, as of the last event received (0 if none yet)."""
-        return self._position
+        return self._history.position
+
+    @property
+    def durable_position(self) -> int:
+        """The furthest durable position heard of (see `Session.durable_position`)."""
+        return self._history.durable
 
     @property
     def attached(self) -> bool:
@@ -157,25 +170,39 @@ class AsyncSession:
 
     def _set_info(self, info: SessionInfo) -> SessionInfo:
         self.info = info
-        self._position = info.position
+        self._history.report(info)
         return info
 
-    def _set_position(self, position: int) -> None:
-        self._position = position
+    async def _open(self, takeover: bool) -> SessionInfo:
+        await self.detach()
+        attachment = _AsyncAttachment(self.client.stream(), self._history)
+        self.info = await attachment.open(self.id, takeover)
+        self._attachment = attachment
+        return self.info
 
     async def attach(self, *, takeover: bool = False) -> SessionInfo:
         """Open a Stream call on the session; `takeover` ends one that drives it (ABORTED)."""
-        await self.detach()
-        attachment = _AsyncAttachment(self.client.stream(), self._set_position)
-        info = await attachment.open(self.id, takeover)
-        self._attachment = attachment
-        return self._set_info(info)
+        info = await self._open(takeover)
+        self._history.attached(info)
+        return info
 
-    async def resume(self) -> SessionInfo:
-        """Re-attach (taking over) after a disconnect; `.position` is where the server's state stands."""
-        if self._attachment is not None:
-            await self._attachment.close(grace=0)
-        return await self.attach(takeover=True)
+    async def resume(self, client: AsyncClient | None = None) -> ResumeResult:
+        """Re-attach (taking over) after a disconnect or a server restart, and reconcile
+        (see `Session.resume`): re-feed what the server lacks, report what it absorbed unseen."""
+        if client is not None:
+            self.client = client
+        if self._attachment is not None:  # what it has not read yet counts as missed
+            await self._attachment.abandon()
+            self._attachment = None
+        info = await self._open(takeover=True)
+        refeed, fetch_after = self._history.reconcile(self.id, info)
+        for i in range(0, len(refeed), REFEED_CHUNK):
+            await self.feed(refeed[i : i + REFEED_CHUNK])
+        missed: list[int] = []
+        if fetch_after is not None:
+            missed = await self.client.session_tokens(self.id, fetch_after)
+            self._history.caught_up(fetch_after, missed)
+        return ResumeResult(self.position, refeed, missed, info)
 
     async def _attached(self) -> _AsyncAttachment:
         if self._attachment is None:
@@ -212,7 +239,9 @@ class AsyncSession:
 
     async def reset(self) -> SessionInfo:
         """Back to the state of a new session (position 1), same seed."""
-        return self._set_info(await self.client.reset_session(self.id))
+        self.info = await self.client.reset_session(self.id)
+        self._history.restart(self.info)
+        return self.info
 
     async def fork(self, *, seed: int | None = None, ttl: float | None = None, keep: bool = False) -> AsyncSession:
         """A new session with a copy of this one's state (and seed, unless given)."""

@@ -51,6 +51,8 @@ def add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> No
     g.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS (system roots unless --ca-cert)")
     g.add_argument("--ca-cert", type=Path, default=default(None), metavar="FILE", help="PEM CA certificate to trust (implies --tls)")
     g.add_argument("--tls-server-name", default=default(None), metavar="NAME", help="name the server's certificate must carry, if not the target's host")
+    g.add_argument("--client-cert", type=Path, default=default(None), metavar="FILE", help="PEM client certificate, for servers that require one (implies --tls)")
+    g.add_argument("--client-key", type=Path, default=default(None), metavar="FILE", help="PEM private key of --client-cert")
     g.add_argument("--timeout", type=float, default=default(None), metavar="SECONDS", help="deadline of each call (default: 30 for unary calls, none for streams)")
     g.add_argument("--json", action="store_true", default=default(False), help="print JSON (one object per line for streams)")
 

@@ -33,8 +33,11 @@ class UsageError(Exception):
 
 def client_options(args: argparse.Namespace) -> ClientOptions:
     fields: dict[str, object] = {"api_key": args.api_key, "tls": args.tls, "tls_server_name": args.tls_server_name}
-    if args.ca_cert is not None:
-        fields["ca_cert"] = args.ca_cert.read_bytes()
+    for name in ("ca_cert", "client_cert", "client_key"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name).read_bytes()
+    if (args.client_cert is None) != (args.client_key is None):
+        raise UsageError("--client-cert and --client-key go together")
     if args.timeout is not None:
         fields.update(timeout=args.timeout, stream_timeout=args.timeout)
     return ClientOptions(**fields)  # type: ignore[arg-type]

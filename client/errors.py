@@ -32,3 +32,20 @@ class StatusError(LstmServeError):
 
 class SessionClosedError(LstmServeError):
     """The session's stream is closed: call `resume()` (or `attach()`) to drive it again."""
+
+
+class SessionDataLostError(LstmServeError):
+    """`resume()` found the session back at a position before the tokens this handle holds:
+    the tokens in between are lost (the server lost tokens it had reported durable, or this
+    handle had to drop them). The session stays attached where the server has it."""
+
+    def __init__(self, session_id: str, position: int, known_from: int, durable: int) -> None:
+        super().__init__(
+            f"session {session_id} came back at position {position}, but this handle only holds the tokens after "
+            f"position {known_from} (the last durable position it heard of: {durable}): the tokens at positions "
+            f"{position + 1}-{known_from} are lost; the session stays at position {position}"
+        )
+        self.session_id = session_id
+        self.position = position
+        self.known_from = known_from
+        self.durable = durable

@@ -24,6 +24,13 @@ def make_input(prompt: Prompt) -> pb.Input:
     return pb.Input(tokens=pb.TokenIds(ids=list(prompt)))
 
 
+def input_tokens(message: pb.Input) -> list[int]:
+    """The token ids an Input stands for (text: its UTF-8 bytes, as the server encodes it)."""
+    if message.WhichOneof("kind") == "text":
+        return list(message.text.encode("utf-8"))
+    return list(message.tokens.ids)
+
+
 def make_sampling(temperature: float | None, top_k: int, top_p: float | None) -> pb.SamplingOptions:
     """Sampling options; None leaves the server's default (temperature 1, top-p 1)."""
     return pb.SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p)

@@ -37,6 +37,10 @@ class ClientOptions:
     """The CA certificate that signed the server's: PEM bytes or a path to a PEM file."""
     tls_server_name: str | None = None
     """Check the server's certificate against this name instead of the target's host."""
+    client_cert: bytes | str | os.PathLike[str] | None = None
+    """This client's certificate chain (PEM bytes or path), for servers that require one."""
+    client_key: bytes | str | os.PathLike[str] | None = None
+    """The private key of `client_cert` (PEM bytes or path)."""
     timeout: float | None = 30.0
     """Deadline in seconds of each unary call; None: none."""
     stream_timeout: float | None = None
@@ -52,7 +56,7 @@ class ClientOptions:
 
     @property
     def secure(self) -> bool:
-        return self.tls or self.ca_cert is not None
+        return self.tls or self.ca_cert is not None or self.client_cert is not None
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         """The metadata every call carries."""
@@ -60,10 +64,9 @@ class ClientOptions:
 
     def credentials(self) -> grpc.ChannelCredentials:
         """TLS channel credentials (only for a secure channel)."""
-        cert = self.ca_cert
-        if cert is not None and not isinstance(cert, bytes):
-            cert = Path(cert).read_bytes()
-        return grpc.ssl_channel_credentials(root_certificates=cert)
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.ca_cert), private_key=_pem(self.client_key), certificate_chain=_pem(self.client_cert)
+        )
 
     def channel_args(self) -> list[tuple[str, Any]]:
         """grpc channel arguments for these options."""
@@ -82,6 +85,11 @@ class ClientOptions:
         if self.tls_server_name:
             args.append(("grpc.ssl_target_name_override", self.tls_server_name))
         return args
+
+
+def _pem(value: bytes | str | os.PathLike[str] | None) -> bytes | None:
+    """PEM bytes given as such or as a path."""
+    return value if value is None or isinstance(value, bytes) else Path(value).read_bytes()
 
 
 def service_config(attempts: int) -> str:

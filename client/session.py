@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from client.errors import LstmServeError, SessionClosedError, StatusError
+from client.history import REFEED_CHUNK, ResumeResult, TokenHistory
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from client.messages import Prompt, SessionInfo, make_input, make_sampling
 from client.token_stream import TokenStream
@@ -22,25 +23,17 @@ if TYPE_CHECKING:
 _CLOSE = object()
 
 
-def _position(response: pb.StreamResponse) -> int | None:
-    event = response.WhichOneof("event")
-    return getattr(response, event).position if event else None
-
-
 class _Attachment:
     """One Stream call: requests go out through a queue; responses are routed by request id."""
 
-    def __init__(
-        self, call_stream: Callable[..., grpc.Call], session_id: str, takeover: bool,
-        on_position: Callable[[int], None],
-    ) -> None:
+    def __init__(self, call_stream: Callable[..., grpc.Call], session_id: str, takeover: bool, history: TokenHistory) -> None:
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._buffers: dict[str, deque[pb.StreamResponse]] = {"open": deque()}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._error: LstmServeError | None = None
         self._closed = False
-        self._on_position = on_position
+        self._history = history  # sees every request sent and every event received
         self._requests.put(pb.StreamRequest(request_id="open", open=pb.OpenStream(session_id=session_id, takeover=takeover)))
         self._call = call_stream(self._outgoing())
         try:
@@ -66,6 +59,7 @@ class _Attachment:
         request.request_id = str(next(self._ids))
         if answered:
             self._buffers[request.request_id] = deque()
+        self._history.sent(request)
         self._requests.put(request)
         return request.request_id
 
@@ -103,10 +97,15 @@ class _Attachment:
             return response
 
     def _route(self, response: pb.StreamResponse) -> None:
-        if (position := _position(response)) is not None:
-            self._on_position(position)
+        self._history.received(response)
         if (buffer := self._buffers.get(response.request_id)) is not None:
             buffer.append(response)
+
+    def abandon(self) -> None:
+        """End the call at once, reading nothing more (its events are no longer wanted)."""
+        self._closed = True
+        self._requests.put(_CLOSE)
+        self._call.cancel()
 
     def close(self, grace: float) -> None:
         """Cancel open requests, half-close, and wait up to `grace` s for the server to end the call."""
@@ -133,8 +132,8 @@ class Session:
     """A session on the server. Feeding and generating attach a Stream call to it (once).
 
     `close()` (or leaving a `with` block) detaches and, unless `keep`, deletes the session.
-    Once the stream ends (another stream took over: ABORTED; the connection dropped:
-    UNAVAILABLE), calls raise that status until `resume()` re-attaches.
+    Once the stream ends (another stream took over: ABORTED; the connection dropped or the
+    server stopped: UNAVAILABLE), calls raise that status until `resume()` re-attaches.
     """
 
     def __init__(self, client: Client, session: SessionInfo | str, *, keep: bool) -> None:
@@ -144,13 +143,19 @@ class Session:
         self.id: str = session.id if isinstance(session, SessionInfo) else session
         self.keep = keep
         """Whether `close()` leaves the session on the server."""
-        self._position = self.info.position if self.info else 0
+        self._history = TokenHistory(self.info)
         self._attachment: _Attachment | None = None
 
     @property
     def position(self) -> int:
         """Tokens absorbed, as of the last event received (0 if none yet)."""
-        return self._position
+        return self._history.position
+
+    @property
+    def durable_position(self) -> int:
+        """The furthest durable position heard of: the session would come back at least there
+        after a server crash (0: none heard; a server without a write-ahead log reports none)."""
+        return self._history.durable
 
     @property
     def attached(self) -> bool:
@@ -158,23 +163,45 @@ class Session:
 
     def _set_info(self, info: SessionInfo) -> SessionInfo:
         self.info = info
-        self._position = info.position
+        self._history.report(info)
         return info
 
-    def _set_position(self, position: int) -> None:
-        self._position = position
+    def _open(self, takeover: bool) -> SessionInfo:
+        self.detach()
+        self._attachment = _Attachment(self.client.stream, self.id, takeover, self._history)
+        self.info = self._attachment.opened
+        return self.info
 
     def attach(self, *, takeover: bool = False) -> SessionInfo:
         """Open a Stream call on the session; `takeover` ends one that drives it (ABORTED)."""
-        self.detach()
-        self._attachment = _Attachment(self.client.stream, self.id, takeover, self._set_position)
-        return self._set_info(self._attachment.opened)
+        info = self._open(takeover)
+        self._history.attached(info)
+        return info
 
-    def resume(self) -> SessionInfo:
-        """Re-attach (taking over) after a disconnect; `.position` is where the server's state stands."""
-        if self._attachment is not None:
-            self._attachment.close(grace=0)
-        return self.attach(takeover=True)
+    def resume(self, client: Client | None = None) -> ResumeResult:
+        """Re-attach (taking over) after a disconnect or a server restart, and reconcile.
+
+        A server that came back behind this handle gets the tokens it lacks fed again
+        (`refed`); one that came back ahead had absorbed tokens this handle never received
+        (`missed`, fetched with GetSession). Requests in flight were interrupted: re-issue
+        them. `client`: continue through another client (e.g. the restarted server's
+        address). Raises SessionDataLostError if the server came back before the tokens this
+        handle holds (it stays attached where the server has it).
+        """
+        if client is not None:
+            self.client = client
+        if self._attachment is not None:  # what it has not read yet counts as missed
+            self._attachment.abandon()
+            self._attachment = None
+        info = self._open(takeover=True)
+        refeed, fetch_after = self._history.reconcile(self.id, info)
+        for i in range(0, len(refeed), REFEED_CHUNK):
+            self.feed(refeed[i : i + REFEED_CHUNK])
+        missed: list[int] = []
+        if fetch_after is not None:
+            missed = self.client.session_tokens(self.id, fetch_after)
+            self._history.caught_up(fetch_after, missed)
+        return ResumeResult(self.position, refeed, missed, info)
 
     def _attached(self) -> _Attachment:
         if self._attachment is None:
@@ -211,7 +238,9 @@ class Session:
 
     def reset(self) -> SessionInfo:
         """Back to the state of a new session (position 1), same seed."""
-        return self._set_info(self.client.reset_session(self.id))
+        self.info = self.client.reset_session(self.id)
+        self._history.restart(self.info)
+        return self.info
 
     def fork(self, *, seed: int | None = None, ttl: float | None = None, keep: bool = False) -> Session:
         """A new session with a copy of this one's state (and seed, unless given)."""

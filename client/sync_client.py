@@ -57,6 +57,12 @@ class Client:
     def get_session(self, session_id: str) -> SessionInfo:
         return self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id)).session
 
+    def session_tokens(self, session_id: str, after: int) -> list[int]:
+        """The tokens the session absorbed after position `after` (the server keeps its last
+        8192; OUT_OF_RANGE beyond)."""
+        request = pb.GetSessionRequest(session_id=session_id, tokens_after=after)
+        return list(self._call(self.stub.GetSession, request).tokens)
+
     def list_sessions(self) -> list[SessionInfo]:
         """The caller's sessions."""
         return list(self._call(self.stub.ListSessions, pb.ListSessionsRequest()).sessions)

@@ -8,7 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
 PROJECT=lstmserve-e2e
-OFFLINE_IMAGES=${OFFLINE_IMAGES:-../shared/tools/offline-images.sh}
+OFFLINE_IMAGES=../shared/tools/offline-images.sh
+[ -f "$OFFLINE_IMAGES" ] || OFFLINE_IMAGES=deploy/offline-images.sh
 export LSTM_SERVE_IMAGE=lstm-serve:e2e
 export BASE_IMAGE=lstm-serve/python:3.11-bookworm
 export PROMETHEUS_IMAGE=lstm-serve/prometheus:bookworm

@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from server.errors import InvalidArgument
 
@@ -22,6 +21,7 @@ MAGIC = b"LSSB"
 FORMAT_VERSION = 1
 _LENGTH = struct.Struct("<I")
 _DIGEST = 32
+MAX_POSITION = 2**62  # far beyond any real session; keeps position arithmetic (sampling noise) within int64
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,16 @@ class SessionBlob:
     position: int
     seed: int
     state: bytes  # the state pool's export bytes
-    logits: torch.Tensor  # [V] fp32, CPU
+    logits: np.ndarray  # [V] fp32
+    extra: dict = field(default_factory=dict)  # more header fields (a snapshot's owner, TTL, ...)
 
 
 def pack(blob: SessionBlob) -> bytes:
-    logits = blob.logits.detach().float().cpu().numpy().astype("<f4").tobytes()
+    logits = blob.logits.astype("<f4").tobytes()
     header = json.dumps({
         "format_version": FORMAT_VERSION, "model": blob.model, "fingerprint": blob.fingerprint,
         "position": blob.position, "seed": blob.seed, "state_bytes": len(blob.state), "logits_bytes": len(logits),
+        "extra": blob.extra,
     }).encode()
     body = MAGIC + _LENGTH.pack(len(header)) + header + blob.state + logits
     return body + hashlib.sha256(body).digest()
@@ -57,14 +59,16 @@ def unpack(data: bytes) -> SessionBlob:
         header = json.loads(body[start : start + size])
         state_len, logits_len = int(header["state_bytes"]), int(header["logits_bytes"])
         fields = (str(header["model"]), str(header["fingerprint"]), int(header["position"]), int(header["seed"]))
-        version = header["format_version"]
-    except (ValueError, KeyError, TypeError) as e:
+        version, extra = header["format_version"], dict(header.get("extra", {}))
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:  # e.g. 1e999, or arrays nested too deep
         raise InvalidArgument(f"blob header is invalid: {e}") from e
     if version != FORMAT_VERSION:
         raise InvalidArgument(f"blob format version {version} is not supported (this server reads {FORMAT_VERSION})")
+    if not (0 <= fields[2] <= MAX_POSITION and 0 <= fields[3] < 2**64):
+        raise InvalidArgument(f"blob position {fields[2]} or seed {fields[3]} is out of range (position 0 to 2^62, seed a uint64)")
     state_at = start + size
-    if state_at + state_len + logits_len != len(body) or logits_len % 4:
+    if state_len < 0 or logits_len < 0 or state_at + state_len + logits_len != len(body) or logits_len % 4:
         raise InvalidArgument("blob sections do not add up to its length")
     state = body[state_at : state_at + state_len]
-    logits = torch.from_numpy(np.frombuffer(body, dtype="<f4", count=logits_len // 4, offset=state_at + state_len).astype(np.float32))
-    return SessionBlob(*fields, state=state, logits=logits)
+    logits = np.frombuffer(body, dtype="<f4", count=logits_len // 4, offset=state_at + state_len).astype(np.float32)
+    return SessionBlob(*fields, state=state, logits=logits, extra=extra)

@@ -30,6 +30,15 @@ class ServeSettings(BaseSettings):
     session_ttl: float = Field(600.0, gt=0, description="seconds an idle session lives")
     max_session_ttl: float = Field(7 * 24 * 3600.0, gt=0, description="the longest TTL a client may ask for")
     api_keys_file: Path | None = None
+    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates signed by it")
+    state_dir: Path | None = Field(None, description="keep sessions here across restarts and crashes")
+    durability: Literal["none", "shutdown", "log"] | None = Field(
+        None, description="none, shutdown (snapshots at a graceful stop) or log (also a write-ahead log); default: log with a state dir"
+    )
+    fsync_interval: float = Field(0.05, gt=0, description="seconds between fsyncs of the write-ahead log")
+    snapshot_interval: float = Field(30.0, gt=0, description="seconds between snapshots that bound the log's replay")
     shutdown_delay: float = Field(5.0, ge=0, description="seconds of NOT_SERVING health before streams end on SIGTERM")
     grace_period: float = Field(10.0, ge=0, description="seconds in-flight unary RPCs get to finish at shutdown")
 
@@ -39,4 +48,12 @@ class ServeSettings(BaseSettings):
             raise ValueError(f"max_sessions ({self.max_sessions}) must be at least device_slots ({self.device_slots})")
         if self.session_ttl > self.max_session_ttl:
             raise ValueError("session_ttl must not exceed max_session_ttl")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca needs tls_cert and tls_key")
+        if self.durability is None:
+            self.durability = "log" if self.state_dir is not None else "none"
+        elif self.durability != "none" and self.state_dir is None:
+            raise ValueError(f"durability {self.durability!r} needs a state_dir")
         return self

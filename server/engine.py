@@ -15,10 +15,12 @@ from collections.abc import AsyncIterator
 from server import blob, tokenizer
 from server.auth import Authenticator, Principal
 from server.config import ServeSettings
+from server.durability import Durability
 from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from server.jobs import ErrorEvent, Event, FinishedEvent, GenerateSpec, Job, Outbox
 from server.metrics import Metrics
 from server.registry import ModelRegistry, ModelRuntime
+from server.restore import restore_sessions
 from server.sessions import Driver, Session, SessionStore
 
 log = logging.getLogger(__name__)
@@ -32,36 +34,78 @@ class Engine:
         self.metrics = metrics
         self.auth = Authenticator.from_file(settings.api_keys_file)
         self.store = SessionStore(settings.max_sessions, settings.session_ttl, settings.max_session_ttl)
-        self._sweeper: asyncio.Task | None = None
+        self.durability = Durability(settings.state_dir, settings.durability, settings.fsync_interval, settings.snapshot_interval)
+        self._tasks: list[asyncio.Task] = []
         self.ready = False  # models loaded and schedulers running
         metrics.session_capacity.labels("device_per_model").set(settings.device_slots)
         metrics.session_capacity.labels("total").set(settings.max_sessions)
 
     async def start(self) -> None:
+        """Start the schedulers, restore the sessions of the state dir, then serve."""
+        loop = asyncio.get_running_loop()
         for runtime in self.registry.runtimes():
+            runtime.scheduler.on_absorbed = self.durability.absorbed
             runtime.scheduler.start()
-        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever(), name="expiry")
+        await restore_sessions(self)
+        self._tasks = [loop.create_task(self._sweep_forever(), name="expiry")]
+        if self.durability.mode == "log":
+            self._tasks.append(loop.create_task(self._checkpoint_forever(), name="checkpoint"))
         self.ready = True
+
+    async def reload_models(self) -> None:
+        """SIGHUP: load new model files; stranded sessions whose version came back resume."""
+        added = await asyncio.to_thread(self.registry.scan)
+        for runtime in added:
+            runtime.scheduler.on_absorbed = self.durability.absorbed
+            runtime.scheduler.start()
+        for session in self.stranded():
+            if self.registry.by_fingerprint(session.version) is not None:
+                session.stranded, replay = False, session.pending_replay
+                session.pending_replay = []
+                if replay:
+                    await self.run_quietly(session, Job("", Outbox(limit=2), feed=replay, reset=session.state_position == 0))
+        log.info("models rescanned: %d new version(s)", len(added))
 
     def check_ready(self) -> None:
         if not self.ready:
             raise Unavailable("the server is still loading its models; retry shortly")
 
     async def stop(self) -> None:
-        """End every open stream with UNAVAILABLE (naming its position), then stop the schedulers."""
+        """End every open stream with UNAVAILABLE (naming its position), let the running step
+        finish, snapshot every session (with a state dir), then stop the schedulers."""
         self.ready = False
-        if self._sweeper is not None:
-            self._sweeper.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for session in self.store:
+            for job in session.jobs:
+                job.abort()
+        for session in self.store:  # the running step lands and its tokens are delivered first
+            if not session.stranded:
+                await self.runtime(session).scheduler.settle(session)
         for session in self.store:
             if session.driver is not None:
                 session.driver.end(Unavailable(f"the server is shutting down; session {session.id} is at position {session.position}"))
+        await self.durability.shutdown(self)
         for runtime in self.registry.runtimes():
             await runtime.scheduler.stop()
 
     # ---- sessions ------------------------------------------------------------------------
 
     def runtime(self, session: Session) -> ModelRuntime:
-        return self.registry.get(session.model, session.version)
+        """The model version `session` runs on; FAILED_PRECONDITION if it is no longer loaded."""
+        runtime = self.registry.by_fingerprint(session.version)
+        if runtime is None:
+            raise FailedPrecondition(
+                f"session {session.id} runs on model {session.model!r} version {session.version[:12]}, which is not "
+                f"loaded; its data is kept: restore that model file (and send SIGHUP) to use it again"
+            )
+        return runtime
+
+    def sessions_of(self, runtime: ModelRuntime) -> list[Session]:
+        return [s for s in self.store if s.version == runtime.version and not s.stranded]
+
+    def stranded(self) -> list[Session]:
+        return [s for s in self.store if s.stranded]
 
     def get_session(self, principal: Principal, session_id: str) -> Session:
         """The caller's live session; one past its TTL is expired on the spot."""
@@ -79,7 +123,7 @@ class Engine:
         runtime = self.registry.get(model, version)
         session = self._register(principal, runtime, seed, ttl)
         try:
-            await self._run_quietly(runtime, session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
+            await self.run_quietly(session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
         except BaseException:
             self._end(session, "deleted")
             raise
@@ -88,7 +132,7 @@ class Engine:
     async def reset_session(self, principal: Principal, session_id: str) -> Session:
         """Back to a new session's state (position 1); queued behind the session's requests."""
         session = self.get_session(principal, session_id)
-        await self._run_quietly(self.runtime(session), session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
+        await self.run_quietly(session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
         return session
 
     async def fork_session(self, principal: Principal, session_id: str, seed: int | None, ttl: float | None) -> Session:
@@ -96,16 +140,22 @@ class Engine:
         await self._settled(parent, "fork")
         runtime = self.runtime(parent)
         child = self._register(principal, runtime, parent.seed if seed is None else seed, ttl)
-        child.position, child.logits = parent.position, parent.logits.clone()
+        child.position = child.state_position = parent.position
+        child.logits, child.history = parent.logits.copy(), list(parent.history)
         parent.touch()
-        await runtime.scheduler.in_step_thread(runtime.residency.copy_state, parent, child)
+        await runtime.scheduler.in_step_thread(self._copy_and_snapshot, runtime, parent, child)
         return child
+
+    def _copy_and_snapshot(self, runtime: ModelRuntime, parent: Session, child: Session) -> None:
+        """Step thread: the fork's state, snapshotted at once (the log has none of its past)."""
+        runtime.residency.copy_state(parent, child)
+        self.durability.snapshot(child, runtime.residency.state_bytes(child))
 
     async def export_session(self, principal: Principal, session_id: str) -> tuple[bytes, Session]:
         session = self.get_session(principal, session_id)
         await self._settled(session, "export")
         runtime = self.runtime(session)
-        position, logits = session.position, session.logits.clone()
+        position, logits = session.position, session.logits.copy()
         session.touch()
         state = await runtime.scheduler.in_step_thread(runtime.residency.state_bytes, session)
         packed = blob.pack(blob.SessionBlob(runtime.name, runtime.version, position, session.seed, state, logits))
@@ -118,12 +168,13 @@ class Engine:
             raise FailedPrecondition(
                 f"the blob is for model {exported.model!r} version {exported.fingerprint[:12]}, which this server has not loaded"
             )
-        if exported.logits.numel() != runtime.vocab_size:
-            raise InvalidArgument(f"the blob's logits have {exported.logits.numel()} entries, the model's vocabulary {runtime.vocab_size}")
+        if exported.logits.size != runtime.vocab_size:
+            raise InvalidArgument(f"the blob's logits have {exported.logits.size} entries, the model's vocabulary {runtime.vocab_size}")
         session = self._register(principal, runtime, exported.seed, ttl)
-        session.position, session.logits = exported.position, exported.logits.to(runtime.device)
+        session.position = session.state_position = exported.position
+        session.logits = exported.logits
         try:
-            placed = await runtime.scheduler.in_step_thread(runtime.residency.load, session, exported.state)
+            placed = await runtime.scheduler.in_step_thread(self._load_and_snapshot, runtime, session, exported.state)
         except ValueError as e:
             self._end(session, "deleted")
             raise InvalidArgument(f"the blob's state does not fit model {runtime.name!r}: {e}") from e
@@ -131,6 +182,13 @@ class Engine:
             self._end(session, "deleted")
             raise ResourceExhausted("every device slot is in use by running requests; retry the import shortly", "capacity")
         return session
+
+    def _load_and_snapshot(self, runtime: ModelRuntime, session: Session, state: bytes) -> bool:
+        """Step thread: an imported state into a slot, snapshotted at once."""
+        placed = runtime.residency.load(session, state)
+        if placed:
+            self.durability.snapshot(session, state)
+        return placed
 
     def delete_session(self, principal: Principal, session_id: str) -> None:
         self._end(self.get_session(principal, session_id), "deleted")
@@ -200,6 +258,7 @@ class Engine:
             self.metrics.sessions_rejected.labels(e.reason).inc()
             raise
         session.logits = runtime.zero_logits()
+        self.durability.created(session)
         self.metrics.sessions_created.labels(runtime.name).inc()
         return session
 
@@ -211,7 +270,7 @@ class Engine:
         if not session.idle:
             raise FailedPrecondition(f"cannot {action} session {session.id}: a new request on it started; wait for it to finish")
 
-    async def _run_quietly(self, runtime: ModelRuntime, session: Session, job: Job) -> None:
+    async def run_quietly(self, session: Session, job: Job) -> None:
         """Submit `job` and wait for it to finish (its events are not needed)."""
         self.submit(session, job)
         try:
@@ -227,11 +286,13 @@ class Engine:
         if session.closed:
             return
         self.store.remove(session, expired=reason == "expired")
+        self.durability.deleted(session)
         if session.driver is not None:
             session.driver.end(NotFound(f"session {session.id} was {'deleted' if reason == 'deleted' else reason}"))
-        runtime = self.runtime(session)
-        runtime.scheduler.wake()
-        runtime.scheduler.executor.submit(runtime.residency.release, session)
+        if not session.stranded:
+            runtime = self.runtime(session)
+            runtime.scheduler.wake()
+            runtime.scheduler.executor.submit(runtime.residency.release, session)
         self.metrics.sessions_ended.labels(reason).inc()
         if reason == "expired":
             self.metrics.sessions_expired.inc()
@@ -247,6 +308,14 @@ class Engine:
             except Exception:  # keep sweeping; one bad session must not stop expiry for all
                 log.exception("expiry sweep failed")
             await asyncio.sleep(EXPIRY_INTERVAL)
+
+    async def _checkpoint_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.durability.snapshot_interval)
+            try:
+                await self.durability.checkpoint(self)
+            except Exception:  # keep serving; the log keeps growing until a checkpoint succeeds
+                log.exception("checkpoint failed")
 
     def _update_gauges(self) -> None:
         on_device = sum(1 for s in self.store if s.on_device)

@@ -29,6 +29,10 @@ class ResourceExhausted(ServeError):
         self.reason = reason  # a bounded metric label: capacity, key_limit, queue_full
 
 
+class OutOfRange(ServeError):
+    code = "OUT_OF_RANGE"
+
+
 class Aborted(ServeError):
     code = "ABORTED"
 

@@ -33,6 +33,7 @@ class TokenEvent:
     text: str
     logprob: float
     position: int
+    durable_position: int = 0
     top_logprobs: tuple[tuple[int, float], ...] = ()
     # generated tokens: seconds since the request arrived (the first) or since the previous one
     latency: float | None = None
@@ -46,6 +47,7 @@ class FinishedEvent:
     fed_tokens: int
     generated_tokens: int
     position: int
+    durable_position: int = 0
 
 
 @dataclass(frozen=True)
@@ -116,24 +118,28 @@ class Job:
     def cancel(self) -> None:
         self.cancelled = True
 
-    def absorbed(self, token: int, logprob: float, position: int, top: tuple[tuple[int, float], ...] = ()) -> None:
+    def abort(self) -> None:
+        """Stop without a finished event: the stream itself ends (the server is stopping)."""
+        self.cancelled = self.done = True
+
+    def absorbed(self, token: int, logprob: float, position: int, top: tuple = (), durable: int = 0) -> None:
         """Record one absorbed token (fed or generated) and report it; finish when complete."""
         text = self._decoder.push(token)
         if self.feeding:
             self.fed += 1
             if self.return_logprobs:
-                self.outbox.put(TokenEvent(self.request_id, token, text, logprob, position, top))
+                self.outbox.put(TokenEvent(self.request_id, token, text, logprob, position, durable, top))
             if not self.feeding and self.generate is None:
-                self.finish(FinishReason.FED, position)
+                self.finish(FinishReason.FED, position, durable)
             return
         self.generated += 1
         now = time.perf_counter()
         latency = now - (self._last_token_at or self.created_at)
         self._last_token_at = now
-        self.outbox.put(TokenEvent(self.request_id, token, text, logprob, position, (), latency, self.generated == 1))
+        self.outbox.put(TokenEvent(self.request_id, token, text, logprob, position, durable, (), latency, self.generated == 1))
         reason = self._finish_reason(token, text)
         if reason is not None:
-            self.finish(reason, position)
+            self.finish(reason, position, durable)
 
     def _finish_reason(self, token: int, text: str) -> FinishReason | None:
         spec = self.generate
@@ -147,7 +153,7 @@ class Job:
             return FinishReason.LENGTH
         return None
 
-    def finish(self, reason: FinishReason, position: int) -> None:
+    def finish(self, reason: FinishReason, position: int, durable: int = 0) -> None:
         if not self.done:
             self.done = True
-            self.outbox.put(FinishedEvent(self.request_id, reason, self.fed, self.generated, position))
+            self.outbox.put(FinishedEvent(self.request_id, reason, self.fed, self.generated, position, durable))

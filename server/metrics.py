@@ -58,6 +58,8 @@ class Metrics:
         self.model_info = Gauge(p + "model_info", "A loaded model version (value 1)", ["name", "fingerprint", "cell", "layers", "hidden", "backend", "device"], registry=r)
         self.model_load_duration = Histogram(p + "model_load_duration_seconds", "Time to load and prepare a model file", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.invalid_model_files = Counter(p + "invalid_model_files", "Model files skipped as invalid", registry=r)
+        self.state_problems = Counter(p + "state_problems", "Damaged snapshots or log records found in the state dir at start-up", registry=r)
+        self.sessions_restored = Counter(p + "sessions_restored", "Sessions brought back from the state dir at start-up", registry=r)
         self.build = Info(p + "build", "Server build", registry=r)
         self.build.info({"version": _version(), "python": platform.python_version(), "torch": torch.__version__})
         self._init_labels(methods)

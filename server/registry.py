@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from server import checkpoint
@@ -47,9 +48,9 @@ class ModelRuntime:
     def vocab_size(self) -> int:
         return self.meta.model.vocab_size
 
-    def zero_logits(self) -> torch.Tensor:
+    def zero_logits(self) -> np.ndarray:
         """Placeholder next-token logits of a session that has absorbed nothing yet."""
-        return torch.zeros(self.vocab_size, device=self.device)
+        return np.zeros(self.vocab_size, dtype=np.float32)
 
 
 def pick_device(choice: str) -> torch.device:
@@ -64,22 +65,39 @@ class ModelRegistry:
         self.metrics = metrics
         self.device = pick_device(settings.device)
         self._models: dict[str, list[ModelRuntime]] = {}  # name -> versions, newest last
+        self._seen: dict[Path, tuple[int, int]] = {}  # file -> (mtime, size) when last read
 
-    def load_all(self) -> None:
-        """Load every valid top-level *.safetensors file of the models directory."""
+    def scan(self) -> list[ModelRuntime]:
+        """Load the top-level *.safetensors files that are new or changed since the last scan.
+
+        Every loaded version stays (sessions keep theirs); the newest one of a name serves
+        new sessions. An invalid file is refused with a log line and a metric.
+        """
         models_dir = self.settings.models_dir
         if not models_dir.is_dir():
             raise ValueError(f"models directory {models_dir} does not exist")
+        added = []
         for path in sorted(models_dir.glob("*.safetensors"), key=lambda p: p.stat().st_mtime):
+            stat = path.stat()
+            if self._seen.get(path) == (stat.st_mtime_ns, stat.st_size):
+                continue
+            self._seen[path] = (stat.st_mtime_ns, stat.st_size)
             try:
-                self.add(path)
+                runtime = self.add(path)
             except (checkpoint.CheckpointError, ValueError) as e:
-                log.error("skipping invalid model file %s: %s", path, e)
+                log.error("refusing model file %s: %s", path, e)
                 self.metrics.invalid_model_files.inc()
+                continue
+            if runtime is not None:
+                added.append(runtime)
+        return added
 
-    def add(self, path: Path) -> ModelRuntime:
+    def add(self, path: Path) -> ModelRuntime | None:
+        """Load a model file as a version of the model named by its stem (None: already loaded)."""
         started = time.perf_counter()
         loaded = checkpoint.load(path, self.device)
+        if self.by_fingerprint(loaded.fingerprint) is not None:
+            return None
         runtime = self._runtime(path.stem, loaded)
         self._models.setdefault(runtime.name, []).append(runtime)
         seconds = time.perf_counter() - started

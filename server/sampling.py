@@ -1,9 +1,14 @@
 """Next-token sampling: temperature, top-k, top-p, with counter-based noise.
 
-Sampling is Gumbel-max over the allowed tokens: token = argmax(logits / T + g), where the
-noise g for (row, token v) is a pure function of (session seed, position, v), built from an
-integer hash. No generator state is shared across sessions or steps, so a session's tokens
-depend only on its seed and what it has absorbed, never on which batch it ran in.
+Each row draws one uniform number u from an integer hash of (session seed, position) and
+takes the token where the cumulative distribution (after temperature, top-k and top-p)
+first exceeds u. No generator state is shared across sessions or steps, so a session's
+tokens depend only on its seed and what it has absorbed, never on which batch it ran in.
+
+numpy, not torch: a batch is a few kilobytes, where torch's per-op overhead would cost
+more than the arithmetic. Batch invariance down to the bit: rows are padded to a width of
+PAD_TO so that vectorized loops treat every row alike (no scalar tail inside a row), every
+reduction runs along a row on its own, and only the rows asking for top-k/top-p are sorted.
 """
 
 from __future__ import annotations
@@ -11,10 +16,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor
+import numpy as np
 
-MASK32 = 0xFFFFFFFF
+MASK32 = np.uint64(0xFFFFFFFF)
+PAD_TO = 64
 
 
 @dataclass(frozen=True)
@@ -34,58 +39,73 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-def mix32(x: Tensor) -> Tensor:
-    """murmur3's 32-bit finalizer on int64 tensors holding values in [0, 2^32).
+def mix32(x: np.ndarray) -> np.ndarray:
+    """murmur3's 32-bit finalizer on uint64 arrays holding values below 2^32."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x85EBCA6B)) & MASK32
+    x = x ^ (x >> np.uint64(13))
+    x = (x * np.uint64(0xC2B2AE35)) & MASK32
+    return x ^ (x >> np.uint64(16))
 
-    Products may pass 2^63 and wrap; only their low 32 bits are kept, which wrapping preserves.
+
+def uniform(seeds: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """One U(0, 1) float64 per row with 53 random bits, a function of (seed, position) only.
+
+    Seeds are 64-bit (signed or unsigned: the same bits give the same noise).
     """
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & MASK32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & MASK32
-    return x ^ (x >> 16)
+    seeds = np.asarray(seeds)
+    seeds = seeds.view(np.uint64) if seeds.dtype == np.int64 else seeds.astype(np.uint64)
+    positions = np.asarray(positions).astype(np.uint64)
+    key = mix32((seeds & MASK32) ^ mix32(seeds >> np.uint64(32)))
+    key = mix32(key ^ mix32(positions & MASK32) ^ mix32(positions >> np.uint64(32)))
+    high = mix32(key ^ np.uint64(0x9E3779B9)) >> np.uint64(5)  # 27 bits
+    low = mix32(key ^ np.uint64(0x7F4A7C15)) >> np.uint64(6)  # 26 bits
+    return ((high << np.uint64(26)) + low).astype(np.float64) * 2.0**-53 + 2.0**-54  # strictly inside (0, 1)
 
 
-def uniform_noise(seeds: Tensor, positions: Tensor, vocab: int) -> Tensor:
-    """U(0, 1) noise, float64 [B, vocab], a function of (seed, position, token) per element."""
-    seeds, positions = seeds.to(torch.int64), positions.to(torch.int64)
-    key = mix32((seeds & MASK32) ^ mix32((seeds >> 32) & MASK32))  # [B]
-    key = mix32(key ^ mix32(positions & MASK32))  # [B]
-    tokens = torch.arange(vocab, dtype=torch.int64, device=seeds.device)
-    bits = mix32(key[:, None] ^ mix32(tokens + 0x9E3779B9))  # [B, V], 32 random bits each
-    return (bits.to(torch.float64) + 0.5) / 2.0**32  # strictly inside (0, 1)
+def _floors(scaled: np.ndarray, top_k: np.ndarray, top_p: np.ndarray) -> np.ndarray:
+    """Per row, the smallest value that stays a candidate under top-k and top-p (-inf: all stay)."""
+    floors = np.full(scaled.shape[0], -np.inf)
+    rows = np.nonzero(((top_k > 0) & (top_k < scaled.shape[1])) | (top_p < 1))[0]
+    if rows.size:
+        ordered = -np.sort(-scaled[rows], axis=1)  # descending
+        k = np.where(top_k[rows] > 0, np.minimum(top_k[rows], scaled.shape[1]), scaled.shape[1])
+        probs = _softmax(ordered)
+        mass_before = np.cumsum(probs, axis=1) - probs
+        nucleus = (mass_before < top_p[rows, None]).sum(axis=1)  # >= 1: the best token always stays
+        keep = np.minimum(k, nucleus)
+        floors[rows] = ordered[np.arange(rows.size), keep - 1]
+    return floors
 
 
-def sample(logits: Tensor, seeds: Tensor, positions: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
-    """Choose one token per row: logits [B, V]; per-row seeds, positions and options [B] -> ids [B].
+def _softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def sample(logits, seeds, positions, temperature, top_k, top_p) -> np.ndarray:
+    """Choose one token per row: logits [B, V]; per-row seeds, positions and options [B] -> int64 ids [B].
 
     Rows with temperature 0 take the argmax (the lowest id on ties).
     """
-    logits = logits.to(torch.float64)
-    vocab = logits.shape[-1]
-    greedy = logits.argmax(dim=-1)
-    scaled = logits / temperature.to(torch.float64).clamp_min(1e-6)[:, None]
-    sorted_logits, order = scaled.sort(dim=-1, descending=True, stable=True)  # [B, V]
-    rank = torch.arange(vocab, device=logits.device)[None, :]
-    k = torch.where(top_k > 0, top_k, vocab).to(logits.device)[:, None]
-    probs = sorted_logits.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs  # probability of the better-ranked tokens
-    keep = (rank < k) & (mass_before < top_p.to(torch.float64)[:, None])  # rank 0 always kept
-    gumbel = -torch.log(-torch.log(uniform_noise(seeds, positions, vocab)))
-    noise = gumbel.gather(-1, order)  # noise follows the token, not its rank
-    choice = torch.where(keep, sorted_logits + noise, -torch.inf).argmax(dim=-1)
-    sampled = order.gather(-1, choice[:, None]).squeeze(-1)
-    return torch.where(temperature > 0, sampled, greedy)
+    logits = np.asarray(logits, dtype=np.float64)
+    temperature = np.asarray(temperature, dtype=np.float64)
+    greedy = logits.argmax(axis=1)
+    if not (temperature > 0).any():
+        return greedy
+    batch, vocab = logits.shape
+    scaled = np.full((batch, -(-vocab // PAD_TO) * PAD_TO), -np.inf)  # padding: probability 0
+    scaled[:, :vocab] = logits / np.maximum(temperature, 1e-6)[:, None]
+    floors = _floors(scaled, np.asarray(top_k, dtype=np.int64), np.asarray(top_p, dtype=np.float64))
+    scaled[scaled < floors[:, None]] = -np.inf
+    cdf = np.cumsum(_softmax(scaled), axis=1)
+    total = cdf[:, -1]
+    target = np.minimum(uniform(seeds, positions) * total, np.nextafter(total, 0))
+    sampled = (cdf <= target[:, None]).sum(axis=1)  # the first index whose cdf passes target: p > 0 there
+    return np.where(temperature > 0, sampled, greedy)
 
 
-def sample_one(logits: Tensor, seed: int, position: int, params: SamplingParams) -> int:
+def sample_one(logits, seed: int, position: int, params: SamplingParams) -> int:
     """`sample` for a single row: logits [V] -> token id."""
-    token = sample(
-        logits[None],
-        torch.tensor([seed]),
-        torch.tensor([position]),
-        torch.tensor([params.temperature], dtype=torch.float64),
-        torch.tensor([params.top_k]),
-        torch.tensor([params.top_p], dtype=torch.float64),
-    )
-    return int(token)
+    row = np.asarray(logits, dtype=np.float64)[None]
+    return int(sample(row, [seed], [position], [params.temperature], [params.top_k], [params.top_p])[0])

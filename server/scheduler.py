@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import numpy as np
 import torch
 
 from server.errors import ResourceExhausted
@@ -46,7 +47,6 @@ class Row:
     position: int  # the session's position before this iteration
     generating: bool  # the tokens are sampled, not fed
     absorbed: list[tuple[int, float, tuple]] = field(default_factory=list)  # (token, logprob, top)
-    logits: torch.Tensor | None = None  # next-token logits after the last absorbed token
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Scheduler:
         max_queue: int,
         prefill_chunk: int,
         on_iteration: Callable[[StepStats], None] = lambda stats: None,
+        on_absorbed: Callable[[list[tuple[Session, int, list[int]]]], None] = lambda entries: None,
     ) -> None:
         self.backend = backend
         self.residency = residency
@@ -77,6 +78,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.on_iteration = on_iteration
+        self.on_absorbed = on_absorbed  # step thread: (session, start position, tokens) per row, for the log
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._ready: deque[Session] = deque()
         self._queued = 0  # jobs submitted and not finished
@@ -184,7 +186,7 @@ class Scheduler:
             job = session.jobs[0]
             if not (job.cancelled or job.done or session.closed):
                 return job
-            job.finish(FinishReason.CANCELLED, session.position)
+            job.finish(FinishReason.CANCELLED, session.position, session.durable_position)
             self._retire(session)
         return None
 
@@ -208,12 +210,11 @@ class Scheduler:
                 session.position = 0
             for token, logprob, top in row.absorbed:
                 session.position += 1
-                job.absorbed(token, logprob, session.position, top)
-            if row.logits is not None:
-                session.logits = row.logits
+                job.absorbed(token, logprob, session.position, top, session.durable_position)
+            if row.absorbed:
                 session.touch()
             if job.cancelled and not job.done:
-                job.finish(FinishReason.CANCELLED, session.position)
+                job.finish(FinishReason.CANCELLED, session.position, session.durable_position)
             if job.done and session.jobs and session.jobs[0] is job:
                 self._retire(session)
             if session.jobs:  # closed sessions too: _plan retires their jobs
@@ -231,8 +232,7 @@ class Scheduler:
         if not runnable:
             return 0
         self._sample(runnable)
-        device = self.backend.pool.device
-        prev = torch.stack([r.session.logits for r in runnable]).to(device)  # [R, V]
+        prev = np.stack([r.session.logits for r in runnable])  # [R, V] fp32: each row's next-token logits
         for i, row in enumerate(runnable):
             if row.job.reset and row.job.fed == 0:
                 self.residency.reset(row.session)
@@ -240,14 +240,19 @@ class Scheduler:
         steps = max(len(r.tokens) for r in runnable)
         for j in range(steps):
             active = [i for i, r in enumerate(runnable) if len(r.tokens) > j]
-            tokens = torch.tensor([runnable[i].tokens[j] for i in active], device=device)
-            slots = torch.tensor([runnable[i].session.slot for i in active], device=device)
-            logprobs = torch.log_softmax(prev[active].float(), dim=-1).gather(1, tokens[:, None]).squeeze(1)
-            logits = self.backend.step(tokens, slots)  # [A, V]
+            tokens = np.array([runnable[i].tokens[j] for i in active], dtype=np.int64)
+            slots = np.array([runnable[i].session.slot for i in active], dtype=np.int64)
+            logprobs = log_softmax(prev[active])[np.arange(len(active)), tokens]  # of the tokens being absorbed
+            logits = self.backend.step(torch.from_numpy(tokens), torch.from_numpy(slots)).cpu().numpy()  # [A, V]
             prev[active] = logits
             self._record(runnable, active, tokens, logprobs, logits)
+        entries = []
         for i, row in enumerate(runnable):
-            row.logits = prev[i].clone()
+            tokens = [token for token, _, _ in row.absorbed]
+            row.session.remember(row.position, tokens)
+            row.session.logits = prev[i]
+            entries.append((row.session, row.position, tokens))
+        self.on_absorbed(entries)
         return steps
 
     def _sample(self, rows: list[Row]) -> None:
@@ -256,27 +261,35 @@ class Scheduler:
         if not gen:
             return
         specs = [r.job.generate.sampling for r in gen]
-        device = self.backend.pool.device
         chosen = sample(
-            torch.stack([r.session.logits for r in gen]).to(device),
-            torch.tensor([r.session.sampling_seed for r in gen], device=device),
-            torch.tensor([r.position for r in gen], device=device),
-            torch.tensor([s.temperature for s in specs], dtype=torch.float64, device=device),
-            torch.tensor([s.top_k for s in specs], device=device),
-            torch.tensor([s.top_p for s in specs], dtype=torch.float64, device=device),
+            np.stack([r.session.logits for r in gen]),
+            np.array([r.session.seed for r in gen], dtype=np.uint64),
+            np.array([r.position for r in gen], dtype=np.int64),
+            np.array([s.temperature for s in specs]),
+            np.array([s.top_k for s in specs]),
+            np.array([s.top_p for s in specs]),
         )
         for row, token in zip(gen, chosen.tolist()):
             row.tokens = [token]
 
     @staticmethod
-    def _record(rows: list[Row], active: list[int], tokens, logprobs, logits) -> None:
-        top_k = max(rows[i].job.top_logprobs if rows[i].job.return_logprobs else 0 for i in active)
-        top = None
-        if top_k:
-            values, ids = torch.log_softmax(logits.float(), dim=-1).topk(min(top_k, logits.shape[-1]), dim=-1)
-            top = list(zip(ids.tolist(), values.tolist()))
+    def _record(rows: list[Row], active: list[int], tokens: np.ndarray, logprobs: np.ndarray, logits: np.ndarray) -> None:
+        """Append (token, logprob, top alternatives) to each active row."""
         for n, (i, token, logprob) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
             row = rows[i]
             k = row.job.top_logprobs if row.job.return_logprobs else 0
-            alternatives = tuple(zip(top[n][0][:k], top[n][1][:k])) if k else ()
-            row.absorbed.append((token, logprob, alternatives))
+            row.absorbed.append((token, logprob, top_logprobs(logits[n], k) if k else ()))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of [N, V] logits, in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def top_logprobs(logits: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The k likeliest next tokens of one row [V], best first, with their log-probabilities."""
+    logprobs = log_softmax(logits[None])[0]
+    best = np.argsort(-logprobs, kind="stable")[:k]
+    return tuple(zip(best.tolist(), logprobs[best].tolist()))

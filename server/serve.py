@@ -36,6 +36,18 @@ async def set_health(servicer: health.aio.HealthServicer, serving: bool) -> None
         await servicer.set(name, status)
 
 
+def server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files (client certificates required with a CA)."""
+    if settings.tls_cert is None:
+        return None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
 async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> None:
     """Serve until `stop` is set or SIGTERM/SIGINT arrives."""
     torch.set_num_threads(settings.threads)
@@ -64,15 +76,18 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> N
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     await set_health(health_servicer, False)
 
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    address = f"{settings.host}:{settings.port}"
+    credentials = server_credentials(settings)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     metrics_port = metrics.serve(settings.host, settings.metrics_port)
     await server.start()
     print(f"lstm-serve: listening on {settings.host}:{port}, metrics on http://{settings.host}:{metrics_port}/metrics", flush=True)
 
-    await asyncio.to_thread(registry.load_all)
+    await asyncio.to_thread(registry.scan)
     if not registry.runtimes():
         log.warning("no valid model in %s: every session request will get NOT_FOUND", settings.models_dir)
     await engine.start()
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(engine.reload_models()))
     await set_health(health_servicer, True)
     log.info("serving %d model version(s)", len(registry.runtimes()))
 

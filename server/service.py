@@ -121,7 +121,9 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
 
     @unary
     async def GetSession(self, request, principal):
-        return pb.GetSessionResponse(session=translate.session_message(self.engine.get_session(principal, request.session_id)))
+        session = self.engine.get_session(principal, request.session_id)
+        tokens = session.tokens_after(request.tokens_after) if request.HasField("tokens_after") else []
+        return pb.GetSessionResponse(session=translate.session_message(session), tokens=tokens)
 
     @unary
     async def ListSessions(self, request, principal):

@@ -14,13 +14,14 @@ import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
-from torch import Tensor
+import numpy as np
 
-from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
 from server.jobs import ErrorEvent, Job, Outbox
 
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 EXPIRED_MEMORY = 100_000  # expired ids remembered, oldest forgotten first
+HISTORY = 8192  # absorbed tokens kept per session, for clients that reconnect behind
 
 
 @dataclass(eq=False)
@@ -44,10 +45,17 @@ class Session:
     ttl: float  # seconds
     created_at: float  # unix time
     expires_at: float
-    position: int = 0  # tokens absorbed, <bos> included
-    logits: Tensor | None = None  # [V] fp32, next-token logits, on the backend's device
+    position: int = 0  # tokens absorbed and reported, <bos> included (event loop)
+    # the step thread's view: the state holds `state_position` tokens; logits and history match it
+    state_position: int = 0
+    logits: np.ndarray | None = None  # [V] fp32, next-token logits (host memory)
+    history: list[int] = field(default_factory=list)  # the last absorbed tokens (at most HISTORY)
     slot: int | None = None  # device pool slot, or None when the state is in host memory
     host_state: bytes | None = None  # the state while off the device (None: zero state)
+    durable_position: int = 0  # how far the session would come back after a crash
+    snapshot_position: int = -1  # position of its last snapshot (-1: none)
+    stranded: bool = False  # restored for a model version that is not loaded: only its data is kept
+    pending_replay: list[int] = field(default_factory=list)  # a stranded session's logged, unapplied tokens
     jobs: deque[Job] = field(default_factory=deque)  # FIFO of this session's requests
     scheduled: bool = False  # in the scheduler's ready queue or in its running batch
     driver: Driver | None = None
@@ -61,13 +69,27 @@ class Session:
     def on_device(self) -> bool:
         return self.slot is not None
 
-    @property
-    def sampling_seed(self) -> int:
-        """The seed as a signed 64-bit integer (the sampler's int64 arithmetic)."""
-        return self.seed - (1 << 64) if self.seed >= 1 << 63 else self.seed
-
     def touch(self, now: float | None = None) -> None:
         self.expires_at = (now or time.time()) + self.ttl
+
+    def remember(self, start: int, tokens: list[int]) -> None:
+        """Step thread: the state absorbed `tokens` from position `start` (0: from the zero state)."""
+        if start == 0:
+            self.history = []
+        self.history += tokens
+        if len(self.history) > 2 * HISTORY:
+            del self.history[:-HISTORY]
+        self.state_position = start + len(tokens)
+
+    def tokens_after(self, position: int) -> list[int]:
+        """The tokens absorbed after `position`; OUT_OF_RANGE beyond the kept history."""
+        kept = min(len(self.history), self.state_position)
+        if not self.state_position - kept <= position <= self.state_position:
+            raise OutOfRange(
+                f"tokens after position {position} are not available: session {self.id} is at position "
+                f"{self.state_position} and keeps its last {kept} tokens"
+            )
+        return self.history[len(self.history) - (self.state_position - position) :]
 
 
 class SessionStore:
@@ -105,6 +127,10 @@ class SessionStore:
         self._sessions[session.id] = session
         return session
 
+    def restore(self, session: Session) -> None:
+        """Register a session brought back from the state dir (capacity permitting or not)."""
+        self._sessions[session.id] = session
+
     def get(self, session_id: str, owner: str) -> Session:
         """The caller's session; NOT_FOUND for unknown, foreign and expired ids alike (the
         message says 'expired' for the caller's expired ones)."""
@@ -138,7 +164,7 @@ class SessionStore:
 
     def due_to_expire(self, now: float) -> list[Session]:
         """Idle, undriven sessions past their expiry time."""
-        return [s for s in self._sessions.values() if s.expires_at <= now and s.idle and s.driver is None]
+        return [s for s in self._sessions.values() if s.expires_at <= now and s.idle and s.driver is None and not s.stranded]
 
     @staticmethod
     def attach(session: Session, driver: Driver, takeover: bool) -> None:

@@ -67,10 +67,11 @@ async def run_stream(engine, principal: Principal, commands: AsyncIterator[Comma
     if not isinstance(first, Open):
         raise InvalidArgument("the first message of a stream must be `open` with the session id")
     session, driver = engine.attach(principal, first.session_id, first.takeover)
-    await engine.runtime(session).scheduler.settle(session)  # a former stream's last step lands first
     jobs: dict[str, Job] = {}
-    reader = asyncio.get_running_loop().create_task(_read(engine, session, commands, driver.outbox, jobs))
-    try:
+    reader: asyncio.Task | None = None
+    try:  # from here on, however the call ends, the stream detaches
+        await engine.runtime(session).scheduler.settle(session)  # a former stream's last step lands first
+        reader = asyncio.get_running_loop().create_task(_read(engine, session, commands, driver.outbox, jobs))
         yield Opened(first.request_id, session)
         input_closed = False
         while not (input_closed and not jobs):
@@ -84,7 +85,8 @@ async def run_stream(engine, principal: Principal, commands: AsyncIterator[Comma
                 jobs.pop(event.request_id, None)
             yield event
     finally:
-        reader.cancel()
+        if reader is not None:
+            reader.cancel()
         for job in jobs.values():
             job.cancel()
         engine.detach(session, driver)

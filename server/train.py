@@ -129,7 +129,7 @@ def evaluate(model: RecurrentLM, stream: torch.Tensor, cfg: TrainConfig, device:
 
 def choose_horizon(cfg: TrainConfig, step: int, elapsed: float, seconds_per_step: float, seconds_per_eval: float) -> int:
     """Steps that fit in cfg.max_minutes, counting the evaluations they bring."""
-    remaining = cfg.max_minutes * 60 - elapsed
+    remaining = cfg.max_minutes * 60 - elapsed - seconds_per_eval  # the final evaluation included
     per_step = seconds_per_step + seconds_per_eval / cfg.eval_interval
     return max(step + 1, step + int(remaining / per_step))
 
@@ -187,6 +187,7 @@ class Trainer:
         self.elapsed_at_start = run.elapsed_seconds
         self.window_losses: list[float] = []
         self.evaluated_step = run.step
+        self.eval_seconds = 0.0  # the last evaluation's duration: the final one must fit the budget
 
     def elapsed(self) -> float:
         return self.elapsed_at_start + time.perf_counter() - self.started
@@ -199,7 +200,7 @@ class Trainer:
         while run.horizon is None or run.step < run.horizon:
             if stop.stop or (cfg.stop_after_steps and run.step >= cfg.stop_after_steps):
                 return self.stop_early(bar)
-            if cfg.max_minutes and self.elapsed() >= cfg.max_minutes * 60:
+            if cfg.max_minutes and self.elapsed() + self.eval_seconds >= cfg.max_minutes * 60:
                 bar.write(f"time budget of {cfg.max_minutes} min reached at step {run.step} of {run.horizon}")
                 break
             for group in self.optimizer.param_groups:
@@ -243,7 +244,9 @@ class Trainer:
     def evaluate_and_save(self, tokens_per_s: float) -> None:
         """Held-out loss; the best checkpoint so far goes to cfg.out; the resumable state is saved."""
         cfg, run = self.cfg, self.run
+        started = time.perf_counter()
         heldout = evaluate(self.model, self.corpus.heldout, cfg, self.device)
+        self.eval_seconds = time.perf_counter() - started
         train_bpb = sum(self.window_losses) / max(1, len(self.window_losses)) / LN2
         self.window_losses.clear()
         run.last_train_bpb, self.evaluated_step = train_bpb, run.step

@@ -139,7 +139,7 @@ def session_message(session: Session) -> pb.Session:
         position=session.position, created_at=timestamp(session.created_at), expires_at=timestamp(session.expires_at),
         ttl=duration(session.ttl),
         location=pb.SESSION_LOCATION_DEVICE if session.on_device else pb.SESSION_LOCATION_HOST,
-        attached=session.driver is not None,
+        attached=session.driver is not None, durable_position=session.durable_position,
     )
 
 
@@ -158,13 +158,14 @@ def token_message(event: TokenEvent) -> pb.Token:
     return pb.Token(
         id=event.token, text=event.text, logprob=event.logprob, position=event.position,
         top_logprobs=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in event.top_logprobs],
+        durable_position=event.durable_position,
     )
 
 
 def finished_message(event: FinishedEvent) -> pb.Finished:
     return pb.Finished(
         reason=FINISH_REASONS[event.reason], fed_tokens=event.fed_tokens,
-        generated_tokens=event.generated_tokens, position=event.position,
+        generated_tokens=event.generated_tokens, position=event.position, durable_position=event.durable_position,
     )
 
 

@@ -64,6 +64,7 @@ class ServerProcess:
     output: list[str] = field(default_factory=list)
     models_dir: Path | None = None
     keys: dict[str, str] = field(default_factory=dict)  # API key name -> key
+    credentials: grpc.ChannelCredentials | None = None  # for a TLS server's health checks
 
     def start(self, timeout: float = 60) -> ServerProcess:
         cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *self.args]
@@ -87,7 +88,8 @@ class ServerProcess:
                 bound.set()
 
     def health(self, service: str = "") -> int:
-        with grpc.insecure_channel(self.target) as channel:
+        channel = grpc.secure_channel(self.target, self.credentials) if self.credentials else grpc.insecure_channel(self.target)
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
@@ -130,8 +132,9 @@ def start_server(models_dir) -> Iterator:
     """Start servers with extra flags; every one is stopped at the end of the test."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, models: Path | None = None) -> ServerProcess:
-        proc = ServerProcess(["--models-dir", str(models or models_dir), *args], env or {}, models_dir=models or models_dir).start()
+    def start(*args: str, env: dict[str, str] | None = None, models: Path | None = None, credentials=None) -> ServerProcess:
+        models = models or models_dir
+        proc = ServerProcess(["--models-dir", str(models), *args], env or {}, models_dir=models, credentials=credentials).start()
         started.append(proc)
         return proc
 

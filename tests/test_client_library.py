@@ -118,14 +118,15 @@ def test_takeover_aborts_the_old_stream_and_resume_reattaches(client):
             other.attach()
         assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION
         assert other.attach(takeover=True).position == 4
-        other.generate(max_tokens=3).wait()
+        taken = ids(other.generate(max_tokens=3))
         with pytest.raises(StatusError) as e:
             s.generate(max_tokens=2).wait()
         assert e.value.code == grpc.StatusCode.ABORTED
         with pytest.raises(StatusError):
             s.feed("x")  # until resume()
 
-        assert s.resume().position == other.position == s.position
+        result = s.resume()  # it reports what the other stream generated meanwhile
+        assert result.position == other.position == s.position and (result.missed, result.refed) == (taken, [])
         with pytest.raises(StatusError) as e:
             other.feed("x")
         assert e.value.code == grpc.StatusCode.ABORTED
@@ -140,7 +141,8 @@ def test_resume_after_a_disconnect_reports_the_servers_position(server):
     # the first connection is gone; its stream with it
     with Client(server.target) as second:
         again = second.session(session.id)
-        assert again.resume().position == position == again.position
+        result = again.resume()
+        assert result.position == position == again.position and result.session.id == session.id
         again.delete()
 
 

@@ -17,6 +17,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from client import Client, ClientOptions, StatusError, TokenStream
 from client.bench import BenchConfig, BenchResult, percentile, report
 from client.cli import build_parser
+from client.errors import SessionDataLostError
+from client.history import KEEP, TokenHistory
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from client.messages import finish_reason_name, make_input, make_sampling
 from client.options import IDEMPOTENT_METHODS, SERVICE, service_config
@@ -183,3 +185,43 @@ def test_tls_with_a_ca_certificate(tls_health_server):
     assert result.returncode == 0 and result.stdout == "SERVING\n"
     result = lstm_client("--target", target, "--timeout", "5", "health")  # plaintext to a TLS port
     assert result.returncode == 1 and result.stderr.count("\n") == 1
+
+
+def test_token_history_tracks_what_resume_needs():
+    def token(rid: str, token_id: int, position: int, durable: int) -> pb.StreamResponse:
+        return pb.StreamResponse(request_id=rid, token=pb.Token(id=token_id, position=position, durable_position=durable))
+
+    def finished(rid: str, fed: int, position: int, durable: int) -> pb.StreamResponse:
+        return pb.StreamResponse(request_id=rid, finished=pb.Finished(fed_tokens=fed, position=position, durable_position=durable))
+
+    history = TokenHistory(pb.Session(id="s", position=1, durable_position=0))
+    history.sent(pb.StreamRequest(request_id="1", feed=pb.FeedRequest(input=make_input("ab"))))
+    history.sent(pb.StreamRequest(request_id="2", generate=pb.GenerateTokensRequest(max_tokens=2)))
+    history.received(finished("1", 2, 3, 1))  # the feed's tokens (97, 98) at positions 2 and 3
+    history.received(token("2", 7, 4, 1))
+    history.received(token("2", 8, 5, 2))  # durable up to 2: positions 3-5 are kept
+    assert (history.position, history.durable, history.end) == (5, 2, 5)
+    assert history.reconcile("s", pb.Session(position=2, durable_position=2)) == ([98, 7, 8], None)  # behind
+
+    history.sent(pb.StreamRequest(request_id="3", feed=pb.FeedRequest(input=make_input([98, 7, 8]))))
+    history.received(finished("3", 3, 5, 2))
+    history.sent(pb.StreamRequest(request_id="4", feed=pb.FeedRequest(input=make_input("xyz"))))
+    history.received(finished("4", 1, 6, 3))  # cancelled after one token: only "x" was absorbed
+    assert history.end == 6
+    assert history.reconcile("s", pb.Session(position=9, durable_position=9)) == ([], 6)  # ahead: fetch after 6
+    history.caught_up(6, [1, 2, 3])
+    assert (history.position, history.end) == (9, 9)
+    history.received(token("4", 9, 10, 9))  # durable up to 9: only position 10 is kept
+    with pytest.raises(SessionDataLostError) as e:
+        history.reconcile("s", pb.Session(position=8, durable_position=8))
+    assert (e.value.position, e.value.known_from) == (8, 9) and "positions 9-9 are lost" in str(e.value)
+
+    unlogged = TokenHistory(pb.Session(position=1))  # no durable position ever: the last KEEP+ tokens are kept
+    for position in range(2, 3 * KEEP + 2):
+        unlogged.received(token("g", 1, position, 0))
+    with pytest.raises(SessionDataLostError) as e:
+        unlogged.reconcile("s", pb.Session(position=1))
+    assert KEEP <= 3 * KEEP + 1 - e.value.known_from <= 2 * KEEP
+
+    handle = TokenHistory(None)  # a handle by id knows nothing: resume just attaches
+    assert handle.reconcile("s", pb.Session(position=42)) == ([], None) and handle.end == 42

@@ -17,9 +17,15 @@ PROMPT = "def main():\n    "
 
 @pytest.fixture(scope="module")
 def reference(server):
-    """What a roomy server generates per seed."""
+    """What a roomy server generates per seed, in calls of the given lengths (a generate call
+    ends at <eos>; the next one goes on after it)."""
     stub = connect(server.target)
-    return lambda seed, n=30: generate(stub, create(stub, seed=seed).id, PROMPT, max_tokens=n)[0]
+
+    def tokens(seed: int, calls: tuple[int, ...] = (30,)) -> list[int]:
+        session = create(stub, seed=seed)
+        return [t for i, n in enumerate(calls) for t in generate(stub, session.id, "" if i else PROMPT, max_tokens=n)[0]]
+
+    return tokens
 
 
 def test_idle_sessions_move_to_host_and_back_without_changing_tokens(start_server, reference):
@@ -36,7 +42,7 @@ def test_idle_sessions_move_to_host_and_back_without_changing_tokens(start_serve
     first = [generate(stub, s.id, PROMPT, max_tokens=15)[0] for s in sessions]
     second = [generate(stub, s.id, max_tokens=15)[0] for s in sessions]
     for seed, a, b in zip(seeds, first, second):
-        assert a + b == reference(seed)
+        assert a + b == reference(seed, (15, 15))
     text = scrape(proc)
     assert metric(text, "lstm_serve_sessions_moved_to_host_total", model="tiny") >= 4
     assert metric(text, "lstm_serve_sessions_moved_to_device_total", model="tiny") >= 4

@@ -76,13 +76,16 @@ def test_text_pieces_are_whole_characters_and_positions_step_by_one(stub):
         assert len(t.text) <= 2 and t.logprob <= 0
 
 
+def generated_ids(responses, request_id: str = "g") -> list[int]:
+    return [r.token.id for r in responses if r.HasField("token") and r.request_id == request_id]
+
+
 def test_two_stream_calls_give_the_same_tokens_as_one_long_call(stub):
     one, two = create(stub, seed=42), create(stub, seed=42)
     long = run_stream(stub, one.id, [feed_request("f", "import "), generate_request("g", 40)])
     first = run_stream(stub, two.id, [feed_request("f", "import "), generate_request("g", 25)])
     second = run_stream(stub, two.id, [generate_request("g", 15)])
-    ids = lambda responses: [r.token.id for r in responses if r.HasField("token") and r.request_id == "g"]  # noqa: E731
-    assert ids(long) == ids(first) + ids(second)
+    assert generated_ids(long) == generated_ids(first) + generated_ids(second)
     assert second[-1].finished.position == long[-1].finished.position == 1 + 7 + 40
 
 
@@ -185,6 +188,12 @@ def test_an_elman_rnn_checkpoint_serves_too(stub):
     assert generate(stub, create(stub, model="tiny-rnn", seed=2).id, "print(", max_tokens=20)[0] == tokens
 
 
+def batches_above(scraped: str, rows: int) -> float:
+    """Scheduler iterations of more than `rows` sessions (a bucket bound) in a scrape."""
+    total = metric(scraped, "lstm_serve_batch_size_rows_count", model="tiny")
+    return total - metric(scraped, "lstm_serve_batch_size_rows_bucket", model="tiny", le=f"{rows:.1f}")
+
+
 def test_64_concurrent_sessions_get_their_solo_tokens_in_big_batches(stub, server):
     seeds = list(range(500, 564))
     solo = {seed: generate(stub, create(stub, seed=seed).id, "x", max_tokens=40)[0] for seed in seeds[:8]}
@@ -198,9 +207,7 @@ def test_64_concurrent_sessions_get_their_solo_tokens_in_big_batches(stub, serve
     # every session alone again, after the crowd: identical
     for seed, tokens in list(zip(seeds, results))[8:16]:
         assert generate(stub, create(stub, seed=seed).id, "x", max_tokens=40)[0] == tokens
-    after = scrape(server)
-    big = lambda text: metric(text, "lstm_serve_batch_size_rows_count", model="tiny") - metric(text, "lstm_serve_batch_size_rows_bucket", model="tiny", le="32.0")  # noqa: E731
-    assert big(after) - big(before) > 0, "no batch of more than 32 rows was recorded"
+    assert batches_above(scrape(server), 32) - batches_above(before, 32) > 0, "no batch of more than 32 rows was recorded"
 
 
 def test_health_serving_after_load_and_not_serving_during_the_shutdown_delay(start_server):

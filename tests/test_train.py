@@ -94,7 +94,7 @@ def test_max_minutes_alone_chooses_and_records_a_horizon(tmp_path, corpus_dir):
     assert len(horizon) == 1 and horizon[0]["horizon"] > 20
     assert checkpoint.load(cfg.out).meta.training.horizon_steps == horizon[0]["horizon"]
     assert result.steps <= horizon[0]["horizon"]
-    assert took < 0.15 * 60 + 10
+    assert took < 0.15 * 60 + 5  # the final evaluation fits in the budget
 
 
 def test_ctrl_c_stops_after_the_step_and_leaves_a_resumable_state(tmp_path, corpus_dir):

@@ -4,13 +4,15 @@
     logits = backend.step(tokens, slots)  # tokens, slots: int64 [B]; logits: fp32 [B, V]
 
 `step` advances each row's session (the state in `pool` at its slot) by its token, in place,
-and returns the logits for the next token. Slots must be distinct within a batch. A row's
-logits and new state are bitwise the same whatever the batch size, the row's position and
-the other rows, so a session's output never depends on server load.
+and returns the logits for the next token, on the pool's device. Slots must be distinct
+within a batch (checked for CPU inputs; device inputs are trusted). A row's logits and new
+state are bitwise the same whatever the batch size, the row's position and the other rows,
+so a session's output never depends on server load (torch: on CPU; triton: everywhere).
     torch   the CPU default and the reference; batched torch ops.
     triton  one fused kernel per layer plus a head kernel, CUDA graphs per batch bucket.
             Its logits are a view of a static buffer that the next step overwrites.
-Triton is imported only when the triton backend is built.
+Pool operations (allocate, fork, export...) must not run during a step. Triton is imported
+only when the triton backend is built.
 """
 
 from __future__ import annotations

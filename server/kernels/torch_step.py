@@ -3,13 +3,14 @@
 One step is a handful of batched ops per layer over the pool, with no loop over sessions:
 gather h (and c) rows by slot, one matmul for all gates, the cell, scatter the rows back.
 
-Batch invariance on CPU. MKL picks its GEMM kernel by the row count (rows 1-3 take a GEMV
-path; with 2 threads, fewer than ~12 rows are split unevenly), and ATen's vectorized
-sigmoid/tanh take a scalar path on a tensor's tail. So the batch is padded with rows that
-point at the pool's padding slot, to a multiple of `row_tile()`: every GEMM then uses the
-same kernel for every row, and the elementwise ops see whole, aligned rows. Verified
-bitwise for 1 and 2 intra-op threads; with 3 or more, ATen may split an elementwise op
-mid-row and break it.
+Batch invariance on CPU. MKL picks its GEMM kernel by the row count: 1-3 rows take a GEMV
+kernel, and with 2 threads 5-11 rows are split so that some rows do too; ATen's vectorized
+sigmoid/tanh take a scalar path on the tail of a tensor or of a thread's chunk. So a batch
+is padded to `padded_rows(B)` rows (4, 8, then multiples of 16) that point at the pool's
+padding slot: every GEMM row then goes through the same kernel, and the elementwise ops see
+whole rows. Verified bitwise for 1, 2 and 4 intra-op threads (tests: 1 and 2) with B = 1..64
+at every position; more threads may split an elementwise op mid-row (numel > 32768) and
+break it. The cost: a B = 1 step computes 4 rows (see docs/kernel-benchmarks.md).
 """
 
 from __future__ import annotations

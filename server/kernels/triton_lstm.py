@@ -9,9 +9,9 @@ It reads h_old from buffer parity[slot] of the pool and writes the new h to the 
 columns), and writes the new h, rounded to the weights' dtype, to `out`: the next layer's x.
 head_kernel: logits = x · W_headᵀ + b, then flips parity[slot] for the batch's rows.
 
-Packed weights: the K rows are [W_ih (padded to INP) ; W_hh (padded to KH)]ᵀ, and the
-columns interleave the gates per hidden unit (column 4n + g for unit n, gate g = i, f, g, o)
-so that a BLOCK_H tile is one [BLOCK_K, 4·BLOCK_H] MMA operand whose result splits into the
+Packed weights: the K rows are [W_ih ; W_hh]ᵀ, each padded to KH rows, and the columns
+interleave the gates per hidden unit (column 4n + g for unit n, gate g = i, f, g, o), so
+that a BLOCK_H tile is one [BLOCK_K, 4·BLOCK_H] MMA operand whose result splits into the
 four gates with a reshape. Padding holds zeros, so weight loads need no mask.
 
 Numerics: activations are rounded to the weights' dtype and multiplied on the tensor cores
@@ -76,7 +76,7 @@ def layer_kernel(
     slot_ptr,  # [B] int64 pool rows
     table_ptr,  # [V, G*HP] fp32, packed like the weights' columns (layer 0)
     x_ptr,  # [B, H] the previous layer's new h, operand dtype (deeper layers)
-    w_ptr,  # [INP + KH, G*HP] packed weights (layer 0: [KH, G*HP])
+    w_ptr,  # [2*KH, G*HP] packed [W_ih; W_hh]ᵀ (layer 0: [KH, G*HP], W_hhᵀ), operand dtype
     bias_ptr,  # [G*HP] fp32 (deeper layers)
     h_ptr,  # [2, LAYERS, R, H] fp32 pool h
     c_ptr,  # [LAYERS, R, H] fp32 pool c (LSTM)

@@ -73,7 +73,7 @@ class ModelInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cell: _Optional[_Union[Cell, str]] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., heldout_bits_per_byte: _Optional[float] = ..., bos_token: _Optional[int] = ..., eos_token: _Optional[int] = ...) -> None: ...
 
 class Session(_message.Message):
-    __slots__ = ("id", "model", "model_version", "seed", "position", "created_at", "expires_at", "ttl", "location", "attached")
+    __slots__ = ("id", "model", "model_version", "seed", "position", "created_at", "expires_at", "ttl", "location", "attached", "durable_position")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,7 @@ class Session(_message.Message):
     TTL_FIELD_NUMBER: _ClassVar[int]
     LOCATION_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_POSITION_FIELD_NUMBER: _ClassVar[int]
     id: str
     model: str
     model_version: str
@@ -94,7 +95,8 @@ class Session(_message.Message):
     ttl: _duration_pb2.Duration
     location: SessionLocation
     attached: bool
-    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., seed: _Optional[int] = ..., position: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., location: _Optional[_Union[SessionLocation, str]] = ..., attached: _Optional[bool] = ...) -> None: ...
+    durable_position: int
+    def __init__(self, id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., seed: _Optional[int] = ..., position: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., location: _Optional[_Union[SessionLocation, str]] = ..., attached: _Optional[bool] = ..., durable_position: _Optional[int] = ...) -> None: ...
 
 class SamplingOptions(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p")
@@ -129,30 +131,34 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class Token(_message.Message):
-    __slots__ = ("id", "text", "logprob", "position", "top_logprobs")
+    __slots__ = ("id", "text", "logprob", "position", "top_logprobs", "durable_position")
     ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROB_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_POSITION_FIELD_NUMBER: _ClassVar[int]
     id: int
     text: str
     logprob: float
     position: int
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
-    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., position: _Optional[int] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
+    durable_position: int
+    def __init__(self, id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., position: _Optional[int] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., durable_position: _Optional[int] = ...) -> None: ...
 
 class Finished(_message.Message):
-    __slots__ = ("reason", "fed_tokens", "generated_tokens", "position")
+    __slots__ = ("reason", "fed_tokens", "generated_tokens", "position", "durable_position")
     REASON_FIELD_NUMBER: _ClassVar[int]
     FED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     POSITION_FIELD_NUMBER: _ClassVar[int]
+    DURABLE_POSITION_FIELD_NUMBER: _ClassVar[int]
     reason: FinishReason
     fed_tokens: int
     generated_tokens: int
     position: int
-    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., fed_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
+    durable_position: int
+    def __init__(self, reason: _Optional[_Union[FinishReason, str]] = ..., fed_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., position: _Optional[int] = ..., durable_position: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -183,16 +189,20 @@ class CreateSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class GetSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "tokens_after")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_AFTER_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    tokens_after: int
+    def __init__(self, session_id: _Optional[str] = ..., tokens_after: _Optional[int] = ...) -> None: ...
 
 class GetSessionResponse(_message.Message):
-    __slots__ = ("session",)
+    __slots__ = ("session", "tokens")
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     session: Session
-    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ..., tokens: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,105 @@
+"""The transport's limit: a bare grpc.aio bidirectional stream with no model behind it.
+
+    python bench/echo.py server --port 0            # prints "listening on PORT"
+    python bench/echo.py client --target HOST:PORT --sessions 64 --duration 10 --max-tokens 64
+
+The server speaks lstm-serve's own messages: for each `generate` request on a Stream it
+answers `max_tokens` token events and a finished event at once, the same sizes and
+serialization as the real service, with nothing else to do. The client runs N concurrent
+streams doing exactly that and reports tokens/s as JSON. Two processes, as in the real
+benchmark, so the pair measures what grpc.aio itself costs on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from client.lstmserve.v1 import lstm_serve_pb2 as pb  # noqa: E402
+from client.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc  # noqa: E402
+
+
+class EchoServicer(pb_grpc.LstmServeServiceServicer):
+    async def Stream(self, requests, context):
+        position = 1
+        async for request in requests:
+            kind = request.WhichOneof("kind")
+            if kind == "open":
+                yield pb.StreamResponse(request_id=request.request_id, opened=pb.Session(id="e" * 32, position=position))
+            elif kind == "generate":
+                for _ in range(request.generate.max_tokens):
+                    position += 1
+                    token = pb.Token(id=101, text="e", logprob=-1.2345678, position=position)
+                    yield pb.StreamResponse(request_id=request.request_id, token=token)
+                finished = pb.Finished(reason=pb.FINISH_REASON_LENGTH, generated_tokens=request.generate.max_tokens, position=position)
+                yield pb.StreamResponse(request_id=request.request_id, finished=finished)
+
+
+async def serve(port: int) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_LstmServeServiceServicer_to_server(EchoServicer(), server)
+    bound = server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print(f"listening on {bound}", flush=True)
+    await server.wait_for_termination()
+
+
+async def stream_worker(stub, deadline: float, max_tokens: int, counts: list[int]) -> None:
+    queue: asyncio.Queue = asyncio.Queue()
+    await queue.put(pb.StreamRequest(request_id="open", open=pb.OpenStream(session_id="e" * 32)))
+
+    async def requests():
+        while (request := await queue.get()) is not None:
+            yield request
+
+    call = stub.Stream(requests())
+    await call.read()  # opened
+    n = 0
+    while time.perf_counter() < deadline:
+        n += 1
+        await queue.put(pb.StreamRequest(request_id=str(n), generate=pb.GenerateTokensRequest(max_tokens=max_tokens)))
+        while True:
+            response = await call.read()
+            if response.HasField("finished"):
+                break
+            counts[0] += 1
+    await queue.put(None)
+    call.cancel()
+
+
+async def load(target: str, sessions: int, duration: float, max_tokens: int) -> dict:
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.LstmServeServiceStub(channel)
+        counts = [0]
+        start = time.perf_counter()
+        await asyncio.gather(*(stream_worker(stub, start + duration, max_tokens, counts) for _ in range(sessions)))
+        elapsed = time.perf_counter() - start
+    return {"sessions": sessions, "duration_s": elapsed, "tokens": counts[0], "tokens_per_s": counts[0] / elapsed}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    s = modes.add_parser("server")
+    s.add_argument("--port", type=int, default=0)
+    c = modes.add_parser("client")
+    c.add_argument("--target", required=True)
+    c.add_argument("--sessions", type=int, default=64)
+    c.add_argument("--duration", type=float, default=10.0)
+    c.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    if args.mode == "server":
+        asyncio.run(serve(args.port))
+    else:
+        print(json.dumps(asyncio.run(load(args.target, args.sessions, args.duration, args.max_tokens))))
+
+
+if __name__ == "__main__":
+    main()
