@@ -26,7 +26,7 @@ class FinishReason(enum.Enum):
     FED = "fed"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenEvent:
     request_id: str
     token: int
@@ -40,7 +40,7 @@ class TokenEvent:
     first: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class FinishedEvent:
     request_id: str
     reason: FinishReason

@@ -27,6 +27,7 @@ from server.train_log import RunLog, write_prom_file
 from server.train_state import RunState, load_run_state, save_run_state
 
 CALIBRATION_STEPS = 20  # steps timed before a --max-minutes run chooses its horizon
+LOG_INTERVAL = 10  # steps between "train" lines in log.jsonl (the plot's train curve)
 LN2 = math.log(2)
 
 
@@ -212,6 +213,10 @@ class Trainer:
             run.step += 1
             self.window_losses.append(loss)
             tokens_per_s = self.tokens_per_step * (run.step - window_step) / (time.perf_counter() - window_start)
+            if run.step % LOG_INTERVAL == 0:
+                recent = self.window_losses[-LOG_INTERVAL:]
+                self.log.write(event="train", step=run.step, tokens_seen=run.step * self.tokens_per_step,
+                               bits_per_byte=sum(recent) / len(recent) / LN2, tokens_per_second=tokens_per_s)
             bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{loss / LN2:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             bar.update(1)
             if run.horizon is None and run.step == 2:

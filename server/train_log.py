@@ -38,12 +38,12 @@ class RunLog:
         import matplotlib.pyplot as plt
 
         evals = [r for r in self.records if r.get("event") == "eval"]
+        train = [r for r in self.records if r.get("event") == "train"]
         if not evals:
             return
-        tokens = [r["tokens_seen"] / 1e6 for r in evals]
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        ax.plot(tokens, [r["train_bits_per_byte"] for r in evals], label="train", marker=".")
-        ax.plot(tokens, [r["heldout_bits_per_byte"] for r in evals], label="held-out", marker=".")
+        ax.plot([r["tokens_seen"] / 1e6 for r in train], [r["bits_per_byte"] for r in train], label="train", alpha=0.8)
+        ax.plot([r["tokens_seen"] / 1e6 for r in evals], [r["heldout_bits_per_byte"] for r in evals], label="held-out", marker="o")
         ax.set_xlabel("tokens seen (millions)")
         ax.set_ylabel("bits per byte")
         ax.grid(alpha=0.3)

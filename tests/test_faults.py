@@ -23,6 +23,19 @@ def position(stub, session_id: str) -> int:
     return stub.GetSession(pb.GetSessionRequest(session_id=session_id)).session.position
 
 
+def stable_position(stub, session_id: str, quiet: float = 1.0, timeout: float = 20.0) -> int:
+    """The session's position once it has not moved for `quiet` seconds."""
+    deadline = time.monotonic() + timeout
+    last = position(stub, session_id)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = position(stub, session_id)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the position kept moving for {timeout} s: generation never paused")
+
+
 def test_a_client_that_stops_reading_pauses_its_generation(start_server):
     proc = start_server("--shutdown-delay", "0", "--max-new-tokens", str(LONG))
     stub = connect(proc.target)
@@ -30,8 +43,8 @@ def test_a_client_that_stops_reading_pauses_its_generation(start_server):
     live = LiveStream(stub, session.id)
     live.send(generate_request("g", LONG))
     received = [next(live.call) for _ in range(5)]
-    time.sleep(1.0)  # the server fills what gRPC will buffer, then stalls
-    stalled, memory = position(stub, session.id), rss_kib(proc.proc.pid)
+    stalled = stable_position(stub, session.id)  # the server fills what gRPC will buffer, then stalls
+    memory = rss_kib(proc.proc.pid)
     time.sleep(2.0)
     assert position(stub, session.id) == stalled, "generation went on while nobody read"
     # bounded by gRPC's flow-control window (tokens are ~40 bytes on the wire) plus our outbox
