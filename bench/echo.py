@@ -1,6 +1,6 @@
 """The transport's limit: a bare grpc.aio bidirectional stream with no model behind it.
 
-    python bench/echo.py server --port 0            # prints "listening on PORT"
+    python bench/echo.py server --port 0            # prints "listening on 127.0.0.1:PORT"
     python bench/echo.py client --target HOST:PORT --sessions 64 --duration 10 --max-tokens 64
 
 The server speaks lstm-serve's own messages: for each `generate` request on a Stream it
@@ -47,7 +47,7 @@ async def serve(port: int) -> None:
     pb_grpc.add_LstmServeServiceServicer_to_server(EchoServicer(), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print(f"listening on {bound}", flush=True)
+    print(f"listening on 127.0.0.1:{bound}", flush=True)
     await server.wait_for_termination()
 
 

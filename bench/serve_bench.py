@@ -99,7 +99,11 @@ def stop(proc: subprocess.Popen) -> None:
 def serve(models_dir: Path, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
     proc, target = start([str(BIN / "lstm-serve"), "serve", "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", "0",
                           "--metrics-port", "0", "--shutdown-delay", "0", "--threads", str(threads), *extra])
-    subprocess.run([str(BIN / "lstm-client"), "--target", target, "--timeout", "60", "health"], check=True, capture_output=True)
+    deadline = time.monotonic() + 120
+    while subprocess.run([str(BIN / "lstm-client"), "--target", target, "--timeout", "5", "health"], capture_output=True).returncode:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("the server never became SERVING")
+        time.sleep(0.2)  # still loading its models
     return proc, target
 
 

@@ -10,20 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+import numpy as np
 
 from server import blob, tokenizer
 from server.auth import Authenticator, Principal
 from server.config import ServeSettings
 from server.durability import Durability
-from server.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from server.jobs import ErrorEvent, Event, FinishedEvent, GenerateSpec, Job, Outbox
+from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from server.jobs import ErrorEvent, Event, FinishedEvent, FinishReason, GenerateSpec, Job, Outbox
 from server.metrics import Metrics
 from server.registry import ModelRegistry, ModelRuntime
 from server.restore import restore_sessions
 from server.sessions import Driver, Session, SessionStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 EXPIRY_INTERVAL = 0.25  # seconds between expiry sweeps (and session gauge updates)
 
 
@@ -143,7 +147,7 @@ class Engine:
         child.position = child.state_position = parent.position
         child.logits, child.history = parent.logits.copy(), list(parent.history)
         parent.touch()
-        await runtime.scheduler.in_step_thread(self._copy_and_snapshot, runtime, parent, child)
+        await self._unless_cancelled(child, runtime.scheduler.in_step_thread(self._copy_and_snapshot, runtime, parent, child))
         return child
 
     def _copy_and_snapshot(self, runtime: ModelRuntime, parent: Session, child: Session) -> None:
@@ -170,11 +174,15 @@ class Engine:
             )
         if exported.logits.size != runtime.vocab_size:
             raise InvalidArgument(f"the blob's logits have {exported.logits.size} entries, the model's vocabulary {runtime.vocab_size}")
+        if not np.isfinite(exported.logits).all():
+            raise InvalidArgument("the blob's logits hold non-finite values")
         session = self._register(principal, runtime, exported.seed, ttl)
         session.position = session.state_position = exported.position
         session.logits = exported.logits
         try:
-            placed = await runtime.scheduler.in_step_thread(self._load_and_snapshot, runtime, session, exported.state)
+            placed = await self._unless_cancelled(
+                session, runtime.scheduler.in_step_thread(self._load_and_snapshot, runtime, session, exported.state)
+            )
         except ValueError as e:
             self._end(session, "deleted")
             raise InvalidArgument(f"the blob's state does not fit model {runtime.name!r}: {e}") from e
@@ -182,6 +190,15 @@ class Engine:
             self._end(session, "deleted")
             raise ResourceExhausted("every device slot is in use by running requests; retry the import shortly", "capacity")
         return session
+
+    async def _unless_cancelled(self, session: Session, operation: Awaitable[T]) -> T:
+        """Await a new session's set-up; if the caller goes away meanwhile, end the session
+        (the client never heard of it)."""
+        try:
+            return await operation
+        except asyncio.CancelledError:
+            self._end(session, "deleted")
+            raise
 
     def _load_and_snapshot(self, runtime: ModelRuntime, session: Session, state: bytes) -> bool:
         """Step thread: an imported state into a slot, snapshotted at once."""
@@ -271,15 +288,20 @@ class Engine:
             raise FailedPrecondition(f"cannot {action} session {session.id}: a new request on it started; wait for it to finish")
 
     async def run_quietly(self, session: Session, job: Job) -> None:
-        """Submit `job` and wait for it to finish (its events are not needed)."""
+        """Submit `job` and wait until it has absorbed all its input (its events are not needed);
+        ABORTED if it was cancelled first (a stream took the session over)."""
         self.submit(session, job)
         try:
             while True:
                 event = await job.outbox.get()
+                if isinstance(event, ErrorEvent):
+                    raise event.error
                 if isinstance(event, FinishedEvent):
-                    return
+                    break
         finally:
             job.cancel()
+        if event.reason is FinishReason.CANCELLED:
+            raise Aborted(f"session {session.id} was taken over by a stream before this request ran; retry it")
 
     def _end(self, session: Session, reason: str) -> None:
         """Remove a session, end its stream, and free its state (in the step thread)."""

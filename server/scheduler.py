@@ -148,13 +148,15 @@ class Scheduler:
                 continue
             started = time.perf_counter()
             try:
-                steps = await loop.run_in_executor(self.executor, self._execute, rows)
+                before = self._sample(rows)
+                runnable, outputs = await loop.run_in_executor(self.executor, self._execute, rows)
+                self._record(runnable, before, outputs)
             except Exception:  # a bug, not bad input: keep serving the other sessions
                 log.exception("step failed; cancelling the %d requests of this batch", len(rows))
                 for row in rows:
                     row.job.cancel()
-                steps = 0
-            seconds = time.perf_counter() - started
+                outputs = []
+            steps, seconds = len(outputs), time.perf_counter() - started
             waits = [started - self._submitted_at.get(id(r.job), started) for r in rows if r.job.fed + r.job.generated == 0]
             generated = sum(len(r.absorbed) for r in rows if r.generating)
             fed = sum(len(r.absorbed) for r in rows) - generated
@@ -225,60 +227,63 @@ class Scheduler:
 
     # ---- the step thread -------------------------------------------------------------------
 
-    def _execute(self, rows: list[Row]) -> int:
-        """Residency, sampling and the batched steps of one iteration; returns steps run."""
+    def _sample(self, rows: list[Row]) -> dict[int, np.ndarray]:
+        """Draw the next token of every generating row, as one batch; returns each row's
+        logits before this iteration (by id(row)), for the logprobs of what it absorbs."""
+        gen = [r for r in rows if r.generating]
+        if gen:
+            specs = [r.job.generate.sampling for r in gen]
+            chosen = sample(
+                np.stack([r.session.logits for r in gen]),
+                np.array([r.session.seed for r in gen], dtype=np.uint64),
+                np.array([r.position for r in gen], dtype=np.int64),
+                np.array([s.temperature for s in specs]),
+                np.array([s.top_k for s in specs]),
+                np.array([s.top_p for s in specs]),
+            )
+            for row, token in zip(gen, chosen.tolist()):
+                row.tokens = [token]
+        return {id(r): np.zeros_like(r.session.logits) if r.job.reset and r.job.fed == 0 else r.session.logits for r in rows}
+
+    def _execute(self, rows: list[Row]) -> tuple[list[Row], list[tuple[list[int], np.ndarray, np.ndarray]]]:
+        """Step thread: residency and the batched steps of one iteration.
+
+        Returns the rows that ran and, per sub-step, (row indices, tokens, logits [A, V]).
+        Each session's state position, history and logits are updated here, with its state,
+        so that a snapshot taken between iterations is consistent.
+        """
         pinned = {row.session.id for row in rows}
         runnable = [r for r in rows if not r.session.closed and self.residency.make_resident(r.session, pinned)]
-        if not runnable:
-            return 0
-        self._sample(runnable)
-        prev = np.stack([r.session.logits for r in runnable])  # [R, V] fp32: each row's next-token logits
-        for i, row in enumerate(runnable):
+        for row in runnable:
             if row.job.reset and row.job.fed == 0:
                 self.residency.reset(row.session)
-                prev[i] = 0
-        steps = max(len(r.tokens) for r in runnable)
-        for j in range(steps):
+        outputs = []
+        for j in range(max((len(r.tokens) for r in runnable), default=0)):
             active = [i for i, r in enumerate(runnable) if len(r.tokens) > j]
             tokens = np.array([runnable[i].tokens[j] for i in active], dtype=np.int64)
             slots = np.array([runnable[i].session.slot for i in active], dtype=np.int64)
-            logprobs = log_softmax(prev[active])[np.arange(len(active)), tokens]  # of the tokens being absorbed
             logits = self.backend.step(torch.from_numpy(tokens), torch.from_numpy(slots)).cpu().numpy()  # [A, V]
-            prev[active] = logits
-            self._record(runnable, active, tokens, logprobs, logits)
-        entries = []
-        for i, row in enumerate(runnable):
-            tokens = [token for token, _, _ in row.absorbed]
-            row.session.remember(row.position, tokens)
-            row.session.logits = prev[i]
-            entries.append((row.session, row.position, tokens))
-        self.on_absorbed(entries)
-        return steps
-
-    def _sample(self, rows: list[Row]) -> None:
-        """Draw the next token of every generating row, as one batch."""
-        gen = [r for r in rows if r.generating]
-        if not gen:
-            return
-        specs = [r.job.generate.sampling for r in gen]
-        chosen = sample(
-            np.stack([r.session.logits for r in gen]),
-            np.array([r.session.seed for r in gen], dtype=np.uint64),
-            np.array([r.position for r in gen], dtype=np.int64),
-            np.array([s.temperature for s in specs]),
-            np.array([s.top_k for s in specs]),
-            np.array([s.top_p for s in specs]),
-        )
-        for row, token in zip(gen, chosen.tolist()):
-            row.tokens = [token]
+            outputs.append((active, tokens, logits))
+            for n, i in enumerate(active):
+                runnable[i].session.logits = logits[n]
+        for row in runnable:
+            row.session.remember(row.position, row.tokens)
+        self.on_absorbed([(row.session, row.position, row.tokens) for row in runnable])
+        return runnable, outputs
 
     @staticmethod
-    def _record(rows: list[Row], active: list[int], tokens: np.ndarray, logprobs: np.ndarray, logits: np.ndarray) -> None:
-        """Append (token, logprob, top alternatives) to each active row."""
-        for n, (i, token, logprob) in enumerate(zip(active, tokens.tolist(), logprobs.tolist())):
-            row = rows[i]
-            k = row.job.top_logprobs if row.job.return_logprobs else 0
-            row.absorbed.append((token, logprob, top_logprobs(logits[n], k) if k else ()))
+    def _record(rows: list[Row], before: dict[int, np.ndarray], outputs: list) -> None:
+        """Give each row its absorbed (token, logprob, top alternatives), sub-step by sub-step."""
+        if not rows:
+            return
+        prev = np.stack([before[id(r)] for r in rows])  # [R, V]: the logits each absorbed token was drawn from
+        for active, tokens, logits in outputs:
+            logprobs = log_softmax(prev[active])[np.arange(len(active)), tokens].tolist()
+            for n, (i, token) in enumerate(zip(active, tokens.tolist())):
+                job = rows[i].job
+                top = top_logprobs(logits[n], job.top_logprobs) if job.return_logprobs and job.top_logprobs else ()
+                rows[i].absorbed.append((token, logprobs[n], top))
+            prev[active] = logits
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

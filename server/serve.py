@@ -18,12 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
-from client.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from server.config import ServeSettings
 from server.engine import Engine
 from server.metrics import Metrics
 from server.registry import ModelRegistry
-from server.service import METHODS, LstmServeServicer
+from server.service import METHODS, LstmServeServicer, add_to_server
 
 log = logging.getLogger("lstm_serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServeService"].full_name
@@ -70,7 +69,7 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> N
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ])
-    pb_grpc.add_LstmServeServiceServicer_to_server(LstmServeServicer(engine), server)
+    add_to_server(LstmServeServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

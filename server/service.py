@@ -22,7 +22,9 @@ from server.metrics import Metrics
 from server.streams import Opened, run_stream
 
 log = logging.getLogger(__name__)
-METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["LstmServeService"].methods]
+SERVICE = pb.DESCRIPTOR.services_by_name["LstmServeService"]
+METHODS = [m.name for m in SERVICE.methods]
+MAX_DETAILS = 500  # characters of a status message; grpc drops longer headers (the client would see RESOURCE_EXHAUSTED)
 
 
 def principal_of(engine: Engine, context: grpc.aio.ServicerContext) -> Principal:
@@ -43,7 +45,8 @@ class _Call:
         """End the RPC with the error's status (raises grpc.aio.AbortError)."""
         if isinstance(error, ServeError):
             self.code = error.code
-            await context.abort(getattr(grpc.StatusCode, error.code), str(error))
+            message = str(error)  # it may quote the request: keep it short
+            await context.abort(getattr(grpc.StatusCode, error.code), message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS] + "…")
         else:
             log.error("unexpected error in %s", self.method, exc_info=error)
             self.code = "INTERNAL"
@@ -60,7 +63,8 @@ def unary(method: Callable) -> Callable:
     async def handler(self: LstmServeServicer, request, context):
         call, cancelled = _Call(self.metrics, method.__name__), False
         try:
-            return await method(self, request, principal_of(self.engine, context))
+            principal = principal_of(self.engine, context)
+            return await method(self, translate.parsed(request), principal)
         except asyncio.CancelledError:
             cancelled = True
             raise
@@ -81,7 +85,8 @@ def streaming(method: Callable) -> Callable:
         in_flight = self.metrics.streams_in_flight.labels(method.__name__)
         in_flight.inc()
         try:
-            async for response in method(self, request, principal_of(self.engine, context)):
+            principal = principal_of(self.engine, context)
+            async for response in method(self, translate.parsed(request), principal):  # Stream: parsed per message
                 yield response
         except (asyncio.CancelledError, GeneratorExit):
             cancelled = True
@@ -97,16 +102,37 @@ def streaming(method: Callable) -> Callable:
     return handler
 
 
+def add_to_server(servicer: LstmServeServicer, server: grpc.aio.Server) -> None:
+    """Register the servicer as the generated `add_LstmServeServiceServicer_to_server` does, but
+    with lenient request deserializers: a request that does not parse gets INVALID_ARGUMENT."""
+    handlers = {}
+    for method in SERVICE.methods:
+        kind = ("stream" if method.client_streaming else "unary") + "_" + ("stream" if method.server_streaming else "unary")
+        handlers[method.name] = getattr(grpc, f"{kind}_rpc_method_handler")(
+            getattr(servicer, method.name),
+            request_deserializer=translate.lenient(getattr(pb, method.input_type.name).FromString),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
 class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.settings = engine.settings
         self.metrics = engine.metrics
+        self._latency: dict[tuple[str, bool], object] = {}  # (model, first token?) -> histogram child
 
     def _observe(self, model: str, event: TokenEvent) -> None:
+        """Time to first token and inter-token latency of generated tokens (per token: cached children)."""
         if event.latency is not None:
-            histogram = self.metrics.time_to_first_token if event.first else self.metrics.inter_token_latency
-            histogram.labels(model).observe(event.latency)
+            key = (model, event.first)
+            histogram = self._latency.get(key)
+            if histogram is None:
+                family = self.metrics.time_to_first_token if event.first else self.metrics.inter_token_latency
+                histogram = self._latency[key] = family.labels(model)
+            histogram.observe(event.latency)
 
     @unary
     async def ListModels(self, request, principal):

@@ -6,9 +6,11 @@ Every check raises InvalidArgument with a message that says what to fix.
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError, Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
@@ -36,6 +38,32 @@ CELLS = {"lstm": pb.CELL_LSTM, "rnn": pb.CELL_RNN}
 
 
 # ---- requests -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """A request whose bytes did not parse (bad UTF-8 in a string, a corrupt wire format)."""
+
+    error: str
+
+
+def lenient(parse: Callable[[bytes], Message]) -> Callable[[bytes], Message | Malformed]:
+    """A request deserializer that hands a parse failure to the servicer (grpc would answer UNKNOWN)."""
+
+    def deserialize(data: bytes) -> Message | Malformed:
+        try:
+            return parse(data)
+        except DecodeError as e:
+            return Malformed(str(e))
+
+    return deserialize
+
+
+def parsed(request):
+    """`request`, or INVALID_ARGUMENT if its bytes did not parse."""
+    if isinstance(request, Malformed):
+        raise InvalidArgument(f"the request message could not be parsed: {request.error}")
+    return request
 
 
 def ttl_seconds(request, field: str = "ttl") -> float | None:
@@ -97,7 +125,8 @@ def stream_commands(requests: AsyncIterator[pb.StreamRequest], settings: ServeSe
     return commands()
 
 
-def stream_command(request: pb.StreamRequest, settings: ServeSettings, principal: Principal) -> Command:
+def stream_command(request: pb.StreamRequest | Malformed, settings: ServeSettings, principal: Principal) -> Command:
+    request = parsed(request)
     kind = request.WhichOneof("kind")
     rid = request.request_id
     if kind == "open":
