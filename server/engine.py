@@ -48,8 +48,7 @@ class Engine:
         """Start the schedulers, restore the sessions of the state dir, then serve."""
         loop = asyncio.get_running_loop()
         for runtime in self.registry.runtimes():
-            runtime.scheduler.on_absorbed = self.durability.absorbed
-            runtime.scheduler.start()
+            self._start_runtime(runtime)
         await restore_sessions(self)
         self._tasks = [loop.create_task(self._sweep_forever(), name="expiry")]
         if self.durability.mode == "log":
@@ -60,8 +59,7 @@ class Engine:
         """SIGHUP: load new model files; stranded sessions whose version came back resume."""
         added = await asyncio.to_thread(self.registry.scan)
         for runtime in added:
-            runtime.scheduler.on_absorbed = self.durability.absorbed
-            runtime.scheduler.start()
+            self._start_runtime(runtime)
         for session in self.stranded():
             if self.registry.by_fingerprint(session.version) is not None:
                 session.stranded, replay = False, session.pending_replay
@@ -69,6 +67,11 @@ class Engine:
                 if replay:
                     await self.run_quietly(session, Job("", Outbox(limit=2), feed=replay, reset=session.state_position == 0))
         log.info("models rescanned: %d new version(s)", len(added))
+
+    def _start_runtime(self, runtime: ModelRuntime) -> None:
+        """Start a model version's scheduler, logging what it absorbs."""
+        runtime.scheduler.on_absorbed = self.durability.absorbed
+        runtime.scheduler.start()
 
     def check_ready(self) -> None:
         if not self.ready:
@@ -83,6 +86,8 @@ class Engine:
         for session in self.store:
             for job in session.jobs:
                 job.abort()
+        for runtime in self.registry.runtimes():
+            runtime.scheduler.wake()  # to retire the aborted jobs, also of paused sessions
         for session in self.store:  # the running step lands and its tokens are delivered first
             if not session.stranded:
                 await self.runtime(session).scheduler.settle(session)

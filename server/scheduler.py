@@ -2,14 +2,18 @@
 
 Each iteration takes up to max_batch_size sessions that have a job (round-robin; at most
 one job per session, FIFO within it; a session whose client stopped reading is skipped),
-then, in the step thread:
+samples the next token of every generating row from its stored logits in one batch, then,
+in the step thread:
   1. makes their states resident in the device pool,
-  2. samples the next token of every generating row from its stored logits, in one batch,
-  3. runs batched steps: sub-step 0 holds every row; a row that is feeding a prompt goes on
+  2. runs batched steps: sub-step 0 holds every row; a row that is feeding a prompt goes on
      for up to `prefill_chunk` tokens in the following sub-steps, so a long prompt moves fast
      yet delays the others' next token by a bounded amount,
-and back on the event loop hands each job its absorbed tokens. Pool operations (fork,
-reset, export, import, free) also run in the step thread, between iterations.
+  3. records each session's new state position, history and logits (with its state, so a
+     snapshot between iterations is consistent),
+and back on the event loop computes the logprobs and hands each job its absorbed tokens.
+Pool operations (fork, reset, export, import, free) also run in the step thread, between
+iterations. The event loop keeps only light numpy work: the step thread holds the GIL as
+little as it can, since the event loop's gRPC writes need it too.
 """
 
 from __future__ import annotations
@@ -225,8 +229,6 @@ class Scheduler:
             else:
                 self._unschedule(session)
 
-    # ---- the step thread -------------------------------------------------------------------
-
     def _sample(self, rows: list[Row]) -> dict[int, np.ndarray]:
         """Draw the next token of every generating row, as one batch; returns each row's
         logits before this iteration (by id(row)), for the logprobs of what it absorbs."""
@@ -244,6 +246,8 @@ class Scheduler:
             for row, token in zip(gen, chosen.tolist()):
                 row.tokens = [token]
         return {id(r): np.zeros_like(r.session.logits) if r.job.reset and r.job.fed == 0 else r.session.logits for r in rows}
+
+    # ---- the step thread -------------------------------------------------------------------
 
     def _execute(self, rows: list[Row]) -> tuple[list[Row], list[tuple[list[int], np.ndarray, np.ndarray]]]:
         """Step thread: residency and the batched steps of one iteration.
@@ -270,6 +274,8 @@ class Scheduler:
             row.session.remember(row.position, row.tokens)
         self.on_absorbed([(row.session, row.position, row.tokens) for row in runnable])
         return runnable, outputs
+
+    # ---- back on the event loop ---------------------------------------------------------------
 
     @staticmethod
     def _record(rows: list[Row], before: dict[int, np.ndarray], outputs: list) -> None:

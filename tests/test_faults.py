@@ -101,3 +101,18 @@ def test_sigterm_mid_stream_ends_streams_unavailable_and_the_restart_continues(s
     reference = create(restarted, seed=33)
     assert generate(restarted, reference.id, max_tokens=len(tokens))[0] == [t.id for t in tokens]
     assert generate(restarted, session.id, max_tokens=15)[0] == generate(restarted, reference.id, max_tokens=15)[0]
+
+
+def test_sigterm_with_a_paused_stream_still_stops_promptly(start_server):
+    proc = start_server("--shutdown-delay", "0", "--grace-period", "5", "--max-new-tokens", str(LONG))
+    stub = connect(proc.target)
+    session = create(stub)
+    live = LiveStream(stub, session.id)
+    live.send(generate_request("g", LONG))
+    next(live.call)
+    stable_position(stub, session.id)  # the client stopped reading: its generation is paused
+    started = time.monotonic()
+    proc.proc.terminate()
+    assert proc.proc.wait(30) == 0
+    assert time.monotonic() - started < 5
+    live.call.cancel()
