@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from server import blob
+from server.checkpoint import atomic_write
 from server.errors import InvalidArgument
 from server.journal import Record, RecordKind, WriteAheadLog, read_all
 from server.sessions import Session
@@ -56,16 +56,6 @@ def snapshot_bytes(session: Session, state: bytes | None, now: float) -> bytes:
     return blob.pack(blob.SessionBlob(
         session.model, session.version, session.state_position, session.seed, state or b"", session.logits, extra,
     ))
-
-
-def write_file(path: Path, data: bytes) -> None:
-    """Write, fsync and rename into place (a reader sees the old file or the new one)."""
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class Durability:
@@ -124,7 +114,7 @@ class Durability:
     def snapshot(self, session: Session, state: bytes | None) -> None:
         """Step thread: snapshot one session now (a fork or an import, whose state has no log)."""
         if self.mode == "log":
-            write_file(self.sessions_dir / f"{session.id}.snap", snapshot_bytes(session, state, time.time()))
+            atomic_write(self.sessions_dir / f"{session.id}.snap", snapshot_bytes(session, state, time.time()))
             session.snapshot_position = session.durable_position = session.state_position
 
     async def checkpoint(self, engine) -> None:
@@ -159,7 +149,7 @@ class Durability:
     def _write_all(self, taken: list[tuple[Session, int, bytes]]) -> None:
         for session, position, data in taken:
             if not session.closed:
-                write_file(self.sessions_dir / f"{session.id}.snap", data)
+                atomic_write(self.sessions_dir / f"{session.id}.snap", data)
                 session.snapshot_position = position
         for session, _, _ in taken:  # deleted meanwhile: no snapshot may outlive the deletion
             if session.closed:
@@ -193,7 +183,7 @@ class Durability:
 
     def _read_snapshots(self) -> tuple[dict[str, Restored], dict[str, str]]:
         """The sessions of the snapshot files, and why each unusable one is (by session id)."""
-        for tmp in self.sessions_dir.glob("*.tmp"):  # a snapshot being written at a crash
+        for tmp in self.sessions_dir.glob("*.tmp"):  # a snapshot being written at a crash (atomic_write's)
             tmp.unlink()
         restored, damaged = {}, {}
         for path in sorted(self.sessions_dir.glob("*.snap")):
