@@ -5,7 +5,7 @@ BIN = $(VENV)/bin
 # The exact command that generated the committed stubs; tests/test_proto_stubs.py runs it too.
 PROTOC = $(BIN)/python -m grpc_tools.protoc -Iclient=proto --python_out=. --pyi_out=. --grpc_python_out=.
 
-.PHONY: setup test test-fast test-docker proto train-default demo clean
+.PHONY: setup test test-fast test-docker proto train-default gpu-wheels demo clean
 
 setup: $(BIN)/lstm-serve
 
@@ -35,6 +35,12 @@ proto: setup
 # The command that produced models/default.safetensors (see README: Training).
 train-default: setup
 	$(BIN)/lstm-serve train --out models/default.safetensors --max-minutes 10
+
+# The pure-Python wheels bench/gpu_check.sh carries to the GPU machine (Python 3.12, no installs
+# there), at the dev venv's versions; dependencies are resolved for that machine.
+gpu-wheels: setup
+	$(BIN)/pip download -q -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+		$$($(BIN)/pip freeze | grep -iE '^(pydantic|pydantic[-_]core|pytest)==')
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

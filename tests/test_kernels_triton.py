@@ -114,6 +114,20 @@ def test_the_benchmark_smoke_run(tmp_path):
     assert all(r["median_us"] > 0 for r in rows)
 
 
+def test_the_config_sweep_smoke_run(tmp_path):
+    out = tmp_path / "sweep.json"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = Path(__file__).resolve().parents[1]
+    configs = ["64,16,64", "32,4,64,16", "64,16,16"]  # the last sums K in 2 chunks where the others use 1
+    cmd = [sys.executable, "bench/kernel_sweep.py", "--smoke", "--config", *configs, "--out", str(out)]
+    subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    rows = [(r["batch"], r["config"]["block_h"], r["config"]["block_k"], r["agrees"]) for r in result["rows"]]
+    assert rows == [(b, *tiles) for b in (1, 3) for tiles in ((16, 64, True), (4, 64, True), (16, 16, False))]
+    assert all(r["median_us"] > 0 for r in result["rows"])
+    assert [(r["batch"], r["config"]["block_k"]) for r in result["best"]] == [(1, 64), (3, 64)]
+
+
 # ---- CUDA only: graphs, pool growth, serving sizes -----------------------------------------
 
 
