@@ -181,6 +181,10 @@ def gpu_bench(args: argparse.Namespace) -> dict:
     dtype, dev = torch.bfloat16, "cuda"
     flush = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size // 4 + 1, device=dev)
     bandwidth, tflops = copy_bandwidth(), matmul_rate()
+    from server.kernels.triton_step import default_plan  # not at the top: --smoke sets TRITON_INTERPRET first
+
+    plan = [{"from_batch": size, **vars(config)} for size, config in default_plan("lstm")]
+    print("ours: the default tile plan", *plan, sep="\n  ")
     rows = []
     for hidden in args.hidden:
         cfg = ModelConfig(cell="lstm", layers=2, hidden=hidden, embed=128)
@@ -207,7 +211,7 @@ def gpu_bench(args: argparse.Namespace) -> dict:
                              "tflop_per_s": tf, "mm_frac": tf / tflops})  # fmt: skip
                 print_row(rows[-1])
     return {"device": torch.cuda.get_device_name(), "copy_gb_per_s": bandwidth, "matmul_tflop_per_s": tflops,
-            "rows": rows, "targets": targets(rows)}  # fmt: skip
+            "tile_plan": plan, "rows": rows, "targets": targets(rows)}  # fmt: skip
 
 
 def cpu_bench(args: argparse.Namespace) -> dict:

@@ -2,6 +2,7 @@
 
     python bench/kernel_compile.py                       # H100 (sm_90a), the served sizes
     python bench/kernel_compile.py --arch 80 --hidden 512 --config 64,16,64,64,4,3
+    python bench/kernel_compile.py --cell rnn --plan     # the configs TritonStep serves by default
 
 Triton compiles ahead of time without a GPU or a driver: to PTX, then with the ptxas that
 ships in its wheel to a cubin. That catches what the interpreter cannot (a layout that will
@@ -31,7 +32,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from server.kernels import triton_lstm  # noqa: E402
-from server.kernels.triton_step import KernelConfig, _round_up  # noqa: E402
+from server.kernels.triton_step import KernelConfig, _round_up, default_plan  # noqa: E402
 
 TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use
@@ -155,8 +156,11 @@ def main() -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--config", type=parse_config, nargs="+", default=CANDIDATES,
                    help="tile configs as block_b,block_h,block_k[,block_v,num_warps,num_stages]")  # fmt: skip
+    p.add_argument("--plan", action="store_true", help="the configs of the cell's default tile plan")
     p.add_argument("--out", type=Path, default=Path("bench/results/kernel_compile.json"))
     args = p.parse_args()
+    if args.plan:
+        args.config = [config for _, config in default_plan(args.cell)]
     dtype = {v: k for k, v in TYPES.items()}[args.dtype]
     rows: list[Compiled] = []
     print(f"{'kernel':8s} {'H':>5s} {'config (b,h,k,v,warps,stages)':30s} {'regs':>5s} {'spill':>6s}"

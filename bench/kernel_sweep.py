@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+if "--smoke" in sys.argv:  # before triton is imported: a kernel is built for the interpreter when decorated
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from bench.kernel_bench import copy_bandwidth, step_bytes, summary, time_cuda, time_host  # noqa: E402
 from bench.kernel_compile import CANDIDATES, parse_config  # noqa: E402
@@ -114,15 +116,14 @@ def save(path: Path, result: dict) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny sizes on CPU, triton interpreted")
-    p.add_argument("--config", type=parse_config, nargs="+", default=CANDIDATES,
-                   help="block_b,block_h,block_k[,block_v,num_warps,num_stages]; the first is the reference")  # fmt: skip
+    tiles_help = "block_b,block_h,block_k[,block_v,num_warps,num_stages]; the first is the reference"
+    p.add_argument("--config", type=parse_config, nargs="+", default=CANDIDATES, help=tiles_help)
     p.add_argument("--hidden", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256, 1024])
     p.add_argument("--iters", type=int, default=300, help="timed graph replays per config")
     p.add_argument("--out", type=Path, default=Path("bench/results/kernel_sweep.json"))
     args = p.parse_args()
     if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
         args.hidden, args.batch = [24], [1, 3]
     elif not torch.cuda.is_available():
         p.error("the sweep needs CUDA (or --smoke)")

@@ -47,6 +47,13 @@ def test_every_sweep_config_compiles_for_h100_on_the_tensor_cores(tmp_path):
                                             "num_warps": 4, "num_stages": 3}  # fmt: skip
 
 
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_the_default_tile_plans_compile_for_h100(tmp_path, cell):
+    report = compile_report(tmp_path, "--cell", cell, "--plan", "--hidden", "512")
+    assert_fits(report, kernels=3 * 3, mma="wgmma")
+    assert {r["config"]["block_b"] for r in report["rows"]} == {64, 128}
+
+
 def test_fp16_compiles_for_a100(tmp_path):
     report = compile_report(tmp_path, "--arch", "80", "--dtype", "fp16", "--hidden", "512", "--config", "64,16,64")
     assert_fits(report, kernels=3, mma="mma.sync")

@@ -22,7 +22,7 @@ if not CUDA:
 import triton  # noqa: E402,F401  (no triton: fail here, loudly)
 
 from server.kernels import make_backend  # noqa: E402
-from server.kernels.triton_step import KernelConfig, TritonStep  # noqa: E402
+from server.kernels.triton_step import KernelConfig, TritonStep, as_plan  # noqa: E402
 from server.model import ModelConfig, RecurrentLM  # noqa: E402
 from server.state_pool import StatePool  # noqa: E402
 from tests.kernel_harness import StepHarness  # noqa: E402
@@ -66,9 +66,48 @@ def test_fp16_weights():
     hs.check(eager(hs, torch.float16), *hs.batch(17), 1e-2)
 
 
-def test_the_default_config():
-    hs = StepHarness("lstm", 2, 37, 11, device=DEVICE)
-    hs.check(eager(hs, config=KernelConfig()), *hs.batch(5), 1e-5)
+# Three configs that differ in every tile but K (rows, units, vocabulary, warps, stages)
+PLAN = (
+    (1, KernelConfig(block_b=32, block_h=4, block_k=32, block_v=16, num_stages=6)),
+    (4, KernelConfig(block_b=32, block_h=32, block_k=32, block_v=128)),
+    (32, KernelConfig(block_b=64, block_h=8, block_k=32, block_v=32, num_warps=8)),
+)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_the_default_plan(cell):
+    hs = StepHarness(cell, 2, 37, 11, device=DEVICE, live=300)
+    backend = TritonStep(hs.model, hs.pool, torch.float32, use_graphs=False)
+    assert [size for size, _ in backend.plan] == [1, 16, 256]
+    for size in (3, 16, 256):  # one batch per config
+        hs.check(backend, *hs.batch(size), 1e-5)
+
+
+def test_a_plan_picks_its_config_by_the_batch_bucket():
+    backend = eager(StepHarness("lstm", 1, 8, 4, device=DEVICE), config=PLAN)
+    expected = {1: 0, 2: 0, 3: 1, 4: 1, 16: 1, 17: 2, 64: 2, 1000: 2}  # 3 runs in bucket 4; 17 in bucket 32
+    assert {b: [c for _, c in PLAN].index(backend.config_for(b)) for b in expected} == expected
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_batch_invariance_holds_across_a_plans_configs(cell):
+    hs = StepHarness(cell, 2, 37, 11, torch.bfloat16, DEVICE)
+    hs.check(eager(hs, torch.bfloat16, config=PLAN), *hs.batch(40), 1e-2)
+    hs.assert_batch_invariant(eager(hs, torch.bfloat16, config=PLAN), sizes=(1, 3, 40))  # every config
+
+
+@pytest.mark.parametrize(
+    "plan,problem",
+    [
+        ((), "ascending from 1"),
+        (((2, KernelConfig()),), "ascending from 1"),
+        (((1, KernelConfig()), (1, KernelConfig())), "ascending from 1"),
+        (((1, KernelConfig()), (8, KernelConfig(block_k=32))), "share block_k"),
+    ],
+)
+def test_a_bad_plan_is_refused(plan, problem):
+    with pytest.raises(ValueError, match=problem):
+        as_plan(plan)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
@@ -116,7 +155,7 @@ def test_the_benchmark_smoke_run(tmp_path):
 
 def test_the_config_sweep_smoke_run(tmp_path):
     out = tmp_path / "sweep.json"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # --smoke must set it itself
     root = Path(__file__).resolve().parents[1]
     configs = ["64,16,64", "32,4,64,16", "64,16,16"]  # the last sums K in 2 chunks where the others use 1
     cmd = [sys.executable, "bench/kernel_sweep.py", "--smoke", "--config", *configs, "--out", str(out)]

@@ -16,8 +16,8 @@ four gates with a reshape. Padding holds zeros, so weight loads need no mask.
 
 Numerics: activations are rounded to the weights' dtype and multiplied on the tensor cores
 with fp32 accumulation (fp32 weights: exact fp32 FMA, input_precision="ieee"). Each output
-element's sum runs over K in BLOCK_K chunks in a fixed order, whatever the batch, so a row's
-result does not depend on the batch (see KernelConfig in triton_step.py).
+element's sum runs over K in BLOCK_K chunks in a fixed order, whatever the batch and the other
+tiles, so a row's result does not depend on the batch (see default_plan in triton_step.py).
 EMULATE: under TRITON_INTERPRET=1, bf16 casts and bf16 dots are wrong (the interpreter
 truncates, and multiplies bf16 bit patterns as integers), and its fp32 dot calls numpy's
 BLAS, which sums some rows of a tile in another order. So the kernel rounds by hand (to

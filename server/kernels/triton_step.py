@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from server.kernels import triton_lstm
-from server.kernels.cuda_graphs import CudaGraphs
+from server.kernels.cuda_graphs import CudaGraphs, bucket
 from server.kernels.torch_step import check_batch
 from server.kernels.weights import served_weights
 from server.model import RecurrentLM
@@ -22,10 +22,8 @@ from server.state_pool import StatePool
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """Tiles and launch options, fixed per model: only the grid changes with the batch size.
+    """Tiles and launch options for one batch bucket; only the grid changes with the batch size.
 
-    Every row's sums then run through the same MMA instructions in the same K order, which
-    is what makes a row's result independent of the batch (padding rows are masked).
     block_h counts hidden units; an LSTM tile is 4*block_h packed columns (>= 16 for tl.dot).
     """
 
@@ -43,8 +41,38 @@ class KernelConfig:
                 raise ValueError(f"{name} must be a power of two, got {n}")
 
 
-def default_config(cell: str) -> KernelConfig:
-    return KernelConfig() if cell == "lstm" else KernelConfig(block_h=64)
+# (smallest batch, config) pairs, ascending from 1: a batch runs the config of the last pair
+# whose size it reaches (by its graph bucket).
+TilePlan = tuple[tuple[int, KernelConfig], ...]
+
+
+def default_plan(cell: str) -> TilePlan:
+    """Small batches read every weight once: many narrow programs and deep pipelines keep the
+    SMs pulling from memory. Large batches are GEMMs: 128-row tiles over 8 warps reuse each
+    weight tile more. Chosen on paper (bench/kernel_compile.py: no spills, all on wgmma);
+    bench/kernel_sweep.py measures the candidates on a GPU.
+    Batch invariance across the plan's configs: every config keeps block_k (the K order of each
+    sum) and, on Hopper, the same MMA instruction (wgmma, 64 rows per warpgroup, k 16), so each
+    output element goes through the same operations; the GPU test of invariance across graph
+    buckets checks that the bits agree."""
+    unit = 4 if cell == "lstm" else 16  # hidden units per 16 MMA columns
+    return (
+        (1, KernelConfig(block_h=unit, block_v=16, num_stages=6)),
+        (16, KernelConfig(block_h=4 * unit)),
+        (256, KernelConfig(block_b=128, block_h=8 * unit, num_warps=8)),
+    )
+
+
+def as_plan(config: KernelConfig | TilePlan) -> TilePlan:
+    """One config for every batch, or a checked plan."""
+    if isinstance(config, KernelConfig):
+        return ((1, config),)
+    sizes = [size for size, _ in config]
+    if not sizes or sizes[0] != 1 or sizes != sorted(set(sizes)):
+        raise ValueError(f"a tile plan needs distinct batch sizes ascending from 1, got {sizes}")
+    if len({c.block_k for _, c in config}) > 1:
+        raise ValueError("a tile plan's configs must share block_k: it fixes the order of every sum")
+    return tuple(config)
 
 
 def _cdiv(n: int, d: int) -> int:
@@ -80,7 +108,7 @@ class TritonStep:
         model: RecurrentLM,
         pool: StatePool,
         dtype: torch.dtype,
-        config: KernelConfig | None = None,
+        config: KernelConfig | TilePlan | None = None,
         use_graphs: bool = True,
     ) -> None:
         mc, dev = model.config, pool.device
@@ -88,11 +116,12 @@ class TritonStep:
         if self.emulate and os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
         self.pool, self.dtype, self.vocab = pool, dtype, mc.vocab_size
-        self.cfg = cfg = config or default_config(mc.cell)
+        self.plan = plan = as_plan(config or default_plan(mc.cell))
+        configs = [c for _, c in plan]
         self.gates, self.layers, self.hidden = mc.gates, mc.layers, mc.hidden
-        self.hp = _round_up(mc.hidden, cfg.block_h)  # hidden units, padded to whole tiles
-        self.kh = _round_up(mc.hidden, cfg.block_k)  # the K extent of h (and x), padded
-        self.vp = _round_up(mc.vocab_size, cfg.block_v)
+        self.hp = _round_up(mc.hidden, max(c.block_h for c in configs))  # hidden units, padded to whole tiles
+        self.kh = _round_up(mc.hidden, configs[0].block_k)  # the K extent of h (and x), padded
+        self.vp = _round_up(mc.vocab_size, max(c.block_v for c in configs))
         sw = served_weights(model, dtype)
 
         def pack(w: Tensor) -> Tensor:  # [G*H, K] -> [KH, G*HP]: K rows padded, gate columns interleaved
@@ -123,7 +152,8 @@ class TritonStep:
 
     def launch(self, tokens: Tensor, slots: Tensor) -> Tensor:
         """Enqueue the whole step for device tensors tokens, slots [B]; returns the logits [B, V]."""
-        pool, cfg, B = self.pool, self.cfg, tokens.shape[0]
+        pool, B = self.pool, tokens.shape[0]
+        cfg = self.config_for(B)
         rows = pool.parity.shape[0]
         x = [self._alloc((B, self.hidden), self.x_dtype) for _ in range(2)]  # ping-pong layer outputs
         c = pool.c if pool.c is not None else pool.h  # the Elman kernel never touches c
@@ -143,6 +173,10 @@ class TritonStep:
             BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, EMULATE=self.emulate, **common,
         )  # fmt: skip
         return logits
+
+    def config_for(self, batch: int) -> KernelConfig:
+        """The plan's config for a batch: chosen by its graph bucket, graphed or not."""
+        return next(c for size, c in reversed(self.plan) if bucket(batch) >= size)
 
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
         if self.poison:
