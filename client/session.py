@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from client.errors import LstmServeError, SessionClosedError, StatusError
+from client.handle import SessionHandle
 from client.history import REFEED_CHUNK, ResumeResult, TokenHistory
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from client.messages import Prompt, SessionInfo, make_input, make_sampling
@@ -128,7 +129,7 @@ class _Attachment:
             timer.cancel()
 
 
-class Session:
+class Session(SessionHandle):
     """A session on the server. Feeding and generating attach a Stream call to it (once).
 
     `close()` (or leaving a `with` block) detaches and, unless `keep`, deletes the session.
@@ -137,34 +138,9 @@ class Session:
     """
 
     def __init__(self, client: Client, session: SessionInfo | str, *, keep: bool) -> None:
+        super().__init__(session, keep=keep)
         self.client = client
-        self.info: SessionInfo | None = session if isinstance(session, SessionInfo) else None
-        """The server's view of the session, as last received."""
-        self.id: str = session.id if isinstance(session, SessionInfo) else session
-        self.keep = keep
-        """Whether `close()` leaves the session on the server."""
-        self._history = TokenHistory(self.info)
         self._attachment: _Attachment | None = None
-
-    @property
-    def position(self) -> int:
-        """Tokens absorbed, as of the last event received (0 if none yet)."""
-        return self._history.position
-
-    @property
-    def durable_position(self) -> int:
-        """The furthest durable position heard of: the session would come back at least there
-        after a server crash (0: none heard; a server without a write-ahead log reports none)."""
-        return self._history.durable
-
-    @property
-    def attached(self) -> bool:
-        return self._attachment is not None and not self._attachment.ended
-
-    def _set_info(self, info: SessionInfo) -> SessionInfo:
-        self.info = info
-        self._history.report(info)
-        return info
 
     def _open(self, takeover: bool) -> SessionInfo:
         self.detach()
