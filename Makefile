@@ -37,10 +37,11 @@ train-default: setup
 	$(BIN)/lstm-serve train --out models/default.safetensors --max-minutes 10
 
 # The pure-Python wheels bench/gpu_check.sh carries to the GPU machine (Python 3.12, no installs
-# there), at the dev venv's versions; dependencies are resolved for that machine.
+# there), at the dev venv's versions, plus pytest-xdist to compile the tests' kernels in parallel;
+# dependencies are resolved for that machine.
 gpu-wheels: setup
 	$(BIN)/pip download -q -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-		$$($(BIN)/pip freeze | grep -iE '^(pydantic|pydantic[-_]core|pytest)==')
+		$$($(BIN)/pip freeze | grep -iE '^(pydantic|pydantic[-_]core|pytest)==') pytest-xdist==3.8.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

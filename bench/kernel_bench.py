@@ -183,7 +183,7 @@ def gpu_bench(args: argparse.Namespace) -> dict:
     bandwidth, tflops = copy_bandwidth(), matmul_rate()
     from server.kernels.triton_step import default_plan  # not at the top: --smoke sets TRITON_INTERPRET first
 
-    plan = [{"from_batch": size, **vars(config)} for size, config in default_plan("lstm")]
+    plan = [{"from_batch": size, **vars(config)} for size, config in default_plan("lstm", dtype)]
     print("ours: the default tile plan", *plan, sep="\n  ")
     rows = []
     for hidden in args.hidden:

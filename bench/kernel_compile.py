@@ -156,12 +156,12 @@ def main() -> None:
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--config", type=parse_config, nargs="+", default=CANDIDATES,
                    help="tile configs as block_b,block_h,block_k[,block_v,num_warps,num_stages]")  # fmt: skip
-    p.add_argument("--plan", action="store_true", help="the configs of the cell's default tile plan")
+    p.add_argument("--plan", action="store_true", help="the configs of the default tile plan for the cell and dtype")
     p.add_argument("--out", type=Path, default=Path("bench/results/kernel_compile.json"))
     args = p.parse_args()
-    if args.plan:
-        args.config = [config for _, config in default_plan(args.cell)]
     dtype = {v: k for k, v in TYPES.items()}[args.dtype]
+    if args.plan:
+        args.config = [config for _, config in default_plan(args.cell, dtype)]
     rows: list[Compiled] = []
     print(f"{'kernel':8s} {'H':>5s} {'config (b,h,k,v,warps,stages)':30s} {'regs':>5s} {'spill':>6s}"
           f" {'smem KiB':>9s} {'mma':>9s}")  # fmt: skip

@@ -59,6 +59,14 @@ def test_fp16_compiles_for_a100(tmp_path):
     assert_fits(report, kernels=3, mma="mma.sync")
 
 
-def test_fp32_elman_compiles_to_exact_fma(tmp_path):
-    report = compile_report(tmp_path, "--cell", "rnn", "--dtype", "fp32", "--hidden", "45", "--config", "32,32,32,128")
-    assert_fits(report, kernels=3, mma="fma")
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_the_fp32_plans_compile_to_exact_fma(tmp_path, cell):
+    report = compile_report(tmp_path, "--cell", cell, "--dtype", "fp32", "--plan", "--hidden", "37", "1024")
+    assert_fits(report, kernels=2 * 3, mma="fma")
+
+
+def test_the_checks_fail_on_a_spilling_kernel(tmp_path):
+    # the bf16 tiles on FMA units: tens of KiB of spills per thread (why fp32 has its own plan)
+    report = compile_report(tmp_path, "--cell", "rnn", "--dtype", "fp32", "--hidden", "37", "--config", "64,64,64")
+    with pytest.raises(AssertionError, match="spills"):
+        assert_fits(report, kernels=3, mma="fma")

@@ -22,7 +22,7 @@ if not CUDA:
 import triton  # noqa: E402,F401  (no triton: fail here, loudly)
 
 from server.kernels import make_backend  # noqa: E402
-from server.kernels.triton_step import KernelConfig, TritonStep, as_plan  # noqa: E402
+from server.kernels.triton_step import KernelConfig, TilePlan, TritonStep, as_plan  # noqa: E402
 from server.model import ModelConfig, RecurrentLM  # noqa: E402
 from server.state_pool import StatePool  # noqa: E402
 from tests.kernel_harness import StepHarness  # noqa: E402
@@ -32,8 +32,9 @@ DTYPES = [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)]
 # Test sizes then span several tiles on every axis: B=64 is 2 row tiles, H=37 or 45 is
 # 2 column tiles and 2 K chunks, the vocabulary is 3 tiles.
 SMALL = KernelConfig(block_b=32, block_h=32, block_k=32, block_v=128)
-# Under the interpreter, one program per kernel at test sizes: 100 steps stay quick.
-WHOLE = KernelConfig() if CUDA else KernelConfig(block_b=64, block_h=64, block_k=64, block_v=256)
+# Under the interpreter, one program per kernel at test sizes: 100 steps stay quick. On CUDA,
+# the default plan (None).
+WHOLE = None if CUDA else KernelConfig(block_b=64, block_h=64, block_k=64, block_v=256)
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
@@ -66,34 +67,42 @@ def test_fp16_weights():
     hs.check(eager(hs, torch.float16), *hs.batch(17), 1e-2)
 
 
-# Three configs that differ in every tile but K (rows, units, vocabulary, warps, stages)
-PLAN = (
-    (1, KernelConfig(block_b=32, block_h=4, block_k=32, block_v=16, num_stages=6)),
-    (4, KernelConfig(block_b=32, block_h=32, block_k=32, block_v=128)),
-    (32, KernelConfig(block_b=64, block_h=8, block_k=32, block_v=32, num_warps=8)),
-)
+def plan(cell: str) -> TilePlan:
+    """Three configs that differ in every tile but K (rows, units, vocabulary, warps, stages);
+    all keep 16 or more MMA columns and 64 rows per 4 warps, so on Hopper all run on wgmma."""
+    unit = 4 if cell == "lstm" else 16
+    return (
+        (1, KernelConfig(block_b=64, block_h=unit, block_k=32, block_v=16, num_stages=6)),
+        (4, KernelConfig(block_b=64, block_h=8 * unit, block_k=32, block_v=128)),
+        (32, KernelConfig(block_b=128, block_h=2 * unit, block_k=32, block_v=32, num_warps=8)),
+    )
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
-def test_the_default_plan(cell):
-    hs = StepHarness(cell, 2, 37, 11, device=DEVICE, live=300)
-    backend = TritonStep(hs.model, hs.pool, torch.float32, use_graphs=False)
+def test_the_default_plans(cell):
+    hs = StepHarness(cell, 2, 37, 11, torch.bfloat16, DEVICE, live=300)
+    backend = TritonStep(hs.model, hs.pool, torch.bfloat16, use_graphs=False)
     assert [size for size, _ in backend.plan] == [1, 16, 256]
     for size in (3, 16, 256):  # one batch per config
-        hs.check(backend, *hs.batch(size), 1e-5)
+        hs.check(backend, *hs.batch(size), 1e-2)
+    hs = StepHarness(cell, 2, 37, 11, device=DEVICE)
+    fp32 = TritonStep(hs.model, hs.pool, torch.float32, use_graphs=False)
+    assert len(fp32.plan) == 1  # FMA tiles: one small config
+    hs.check(fp32, *hs.batch(5), 1e-5)
 
 
 def test_a_plan_picks_its_config_by_the_batch_bucket():
-    backend = eager(StepHarness("lstm", 1, 8, 4, device=DEVICE), config=PLAN)
+    backend = eager(StepHarness("lstm", 1, 8, 4, device=DEVICE), config=plan("lstm"))
+    configs = [c for _, c in plan("lstm")]
     expected = {1: 0, 2: 0, 3: 1, 4: 1, 16: 1, 17: 2, 64: 2, 1000: 2}  # 3 runs in bucket 4; 17 in bucket 32
-    assert {b: [c for _, c in PLAN].index(backend.config_for(b)) for b in expected} == expected
+    assert {b: configs.index(backend.config_for(b)) for b in expected} == expected
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 def test_batch_invariance_holds_across_a_plans_configs(cell):
     hs = StepHarness(cell, 2, 37, 11, torch.bfloat16, DEVICE)
-    hs.check(eager(hs, torch.bfloat16, config=PLAN), *hs.batch(40), 1e-2)
-    hs.assert_batch_invariant(eager(hs, torch.bfloat16, config=PLAN), sizes=(1, 3, 40))  # every config
+    hs.check(eager(hs, torch.bfloat16, config=plan(cell)), *hs.batch(40), 1e-2)
+    hs.assert_batch_invariant(eager(hs, torch.bfloat16, config=plan(cell)), sizes=(1, 3, 40))  # every config
 
 
 @pytest.mark.parametrize(
