@@ -17,6 +17,7 @@ for _ in $(seq 300); do
   kill -0 $server 2>/dev/null || { cat "$log" >&2; exit 1; }
   sleep 0.2
 done
+[ -n "$target" ] || { echo "the server did not report its port within 60 s:" >&2; cat "$log" >&2; exit 1; }
 echo "server on $target; prompt: $PROMPT" >&2
 "$BIN/lstm-client" --target "$target" generate "$PROMPT" --max-tokens "${MAX_TOKENS:-300}" --temperature 0.7 --seed 1
 echo
