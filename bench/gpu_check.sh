@@ -17,12 +17,8 @@ fi
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
     python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 } 2>&1 | tee "$out/gpu_env.txt"
-# Most of the tests' time is compiling kernel variants: spread it over processes when xdist came along.
-parallel=()
-python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)
 start=$SECONDS
-timeout 150 python3 -m pytest -q -p no:cacheprovider -o addopts="" -W ignore::pytest.PytestConfigWarning "${parallel[@]}" \
-    -k "not smoke" tests/test_state_pool.py tests/test_kernels_torch.py tests/test_kernels_triton.py 2>&1 | tee "$out/gpu_tests.txt"
+timeout 150 bash bench/gpu_tests.sh 2>&1 | tee "$out/gpu_tests.txt"
 tests=${PIPESTATUS[0]}
 echo "tests: exit $tests after $((SECONDS - start)) s" | tee -a "$out/gpu_tests.txt"
 timeout $((200 - (SECONDS - start))) python3 bench/kernel_bench.py --out "$out/kernel_bench.json" 2>&1 | tee "$out/kernel_bench.txt"
