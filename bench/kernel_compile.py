@@ -38,7 +38,8 @@ TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # bytes of shared memory one block may use
 # The configs bench/kernel_sweep.py times on a GPU: the default first (the reference for its
 # bit-for-bit check), then many narrow programs for small batches (block_h 4 or 8, deeper K
-# chunks and pipelines, narrow head tiles), then big tiles for large batches.
+# chunks and pipelines, narrow head tiles), then big tiles for large batches; last, one with
+# programmatic dependent launch (sm_90 and later only).
 CANDIDATES = [
     KernelConfig(),
     KernelConfig(block_h=4, block_k=128, block_v=16, num_stages=4),
@@ -47,6 +48,7 @@ CANDIDATES = [
     KernelConfig(block_b=128, block_h=16, num_warps=8),
     KernelConfig(block_b=128, block_h=32, num_warps=8),
     KernelConfig(block_h=32, num_stages=4),
+    KernelConfig(block_h=4, block_v=16, num_stages=6, pdl=True),  # the plan's small config, with PDL
 ]
 
 
@@ -62,6 +64,7 @@ class Compiled:
     spill_bytes: int  # spill stores + loads, from ptxas
     shared_bytes: int
     mma: str  # wgmma, mma.sync or fma
+    grid_dependency: bool  # griddepcontrol instructions in the PTX (programmatic dependent launch)
     seconds: float
 
 
@@ -71,8 +74,8 @@ def layer_source(cell: str, layer: int, layers: int, hidden: int, dtype: torch.d
            "bias_ptr": "*fp32", "h_ptr": "*fp32", "c_ptr": "*fp32", "parity_ptr": "*i32", "out_ptr": w,
            "B": "i32", "R": "i32"}  # fmt: skip
     consts = dict(LAYER=layer, LAYERS=layers, H=hidden, HP=_round_up(hidden, cfg.block_h),
-                  KH=_round_up(hidden, cfg.block_k), GATES=4 if cell == "lstm" else 1,
-                  BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, EMULATE=False)  # fmt: skip
+                  KH=_round_up(hidden, cfg.block_k), GATES=4 if cell == "lstm" else 1, BLOCK_B=cfg.block_b,
+                  BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, EMULATE=False, PDL=cfg.pdl)  # fmt: skip
     return _source(triton_lstm.layer_kernel, sig, consts)
 
 
@@ -81,7 +84,8 @@ def head_source(hidden: int, vocab: int, dtype: torch.dtype, cfg: KernelConfig) 
     sig = {"x_ptr": w, "w_ptr": w, "b_ptr": "*fp32", "out_ptr": "*fp32", "slot_ptr": "*i64",
            "parity_ptr": "*i32", "B": "i32"}  # fmt: skip
     consts = dict(V=vocab, VP=_round_up(vocab, cfg.block_v), H=hidden, KH=_round_up(hidden, cfg.block_k),
-                  BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, EMULATE=False)  # fmt: skip
+                  BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+                  EMULATE=False, PDL=cfg.pdl)  # fmt: skip
     return _source(triton_lstm.head_kernel, sig, consts)
 
 
@@ -98,13 +102,13 @@ def _source(fn: triton.JITFunction, sig: dict[str, str], consts: dict[str, objec
 def compile_one(src: ASTSource, arch: int, cfg: KernelConfig) -> dict:
     """Compile for sm_<arch> and read the cost off ptxas; needs no GPU."""
     start = time.perf_counter()
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "launch_pdl": cfg.pdl}
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     ptx = kernel.asm["ptx"]
     registers, spills = ptxas_usage(ptx, arch)
     mma = "wgmma" if "wgmma.mma_async" in ptx else "mma.sync" if "mma.sync" in ptx else "fma"
-    return {"registers": registers, "spill_bytes": spills, "shared_bytes": kernel.metadata.shared,
-            "mma": mma, "seconds": time.perf_counter() - start}  # fmt: skip
+    return {"registers": registers, "spill_bytes": spills, "shared_bytes": kernel.metadata.shared, "mma": mma,
+            "grid_dependency": "griddepcontrol" in ptx, "seconds": time.perf_counter() - start}  # fmt: skip
 
 
 def ptxas_usage(ptx: str, arch: int) -> tuple[int, int]:
@@ -141,9 +145,10 @@ def compile_step(cell: str, hidden: int, dtype: torch.dtype, cfg: KernelConfig, 
 
 
 def parse_config(text: str) -> KernelConfig:
-    """A config from "block_b,block_h,block_k[,block_v,num_warps,num_stages]" (the rest default)."""
-    fields = ["block_b", "block_h", "block_k", "block_v", "num_warps", "num_stages"]
-    return KernelConfig(**dict(zip(fields, map(int, text.split(",")))))
+    """A config from "block_b,block_h,block_k[,block_v,num_warps,num_stages,pdl]" (the rest default)."""
+    fields = ["block_b", "block_h", "block_k", "block_v", "num_warps", "num_stages", "pdl"]
+    values = dict(zip(fields, map(int, text.split(","))))
+    return KernelConfig(**values | ({"pdl": bool(values["pdl"])} if "pdl" in values else {}))
 
 
 def main() -> None:
@@ -170,7 +175,7 @@ def main() -> None:
             for r in compile_step(args.cell, hidden, dtype, cfg, args.arch):
                 rows.append(r)
                 c = r.config
-                tiles = f"{c.block_b},{c.block_h},{c.block_k},{c.block_v},{c.num_warps},{c.num_stages}"
+                tiles = f"{c.block_b},{c.block_h},{c.block_k},{c.block_v},{c.num_warps},{c.num_stages}" + ",pdl" * c.pdl
                 print(f"{r.kernel:8s} {r.hidden:5d} {tiles:30s} {r.registers:5d} {r.spill_bytes:6d}"
                       f" {r.shared_bytes / 1024:9.1f} {r.mma:>9s}")  # fmt: skip
     result = {"arch": args.arch, "shared_limit": SHARED_LIMIT[args.arch], "cell": args.cell,

@@ -70,13 +70,17 @@ def sweep(args: argparse.Namespace) -> dict:
         for batch in args.batch:
             reference = None
             for config in args.config:
-                after, replay = run_config(cfg, batch, config, device, dtype)
-                reference = reference or after
-                agrees = all(torch.equal(a, b) for a, b in zip(after, reference))
-                times = time_cuda(replay, args.iters, flush) if cuda else time_host(replay, 3)
-                row = {"hidden": hidden, "batch": batch, "config": vars(config), "agrees": agrees, **summary(times)}
-                if bandwidth:
-                    row["bw_frac"] = step_bytes(cfg, batch, 2) / row["median_us"] / 1e3 / bandwidth
+                row = {"hidden": hidden, "batch": batch, "config": vars(config)}
+                try:
+                    after, replay = run_config(cfg, batch, config, device, dtype)
+                    times = time_cuda(replay, args.iters, flush) if cuda else time_host(replay, 3)
+                except Exception as e:  # a config that does not compile or launch here: record it, go on
+                    row["error"] = f"{type(e).__name__}: {e}"
+                else:
+                    reference = reference or after
+                    row |= {"agrees": all(torch.equal(a, b) for a, b in zip(after, reference)), **summary(times)}
+                    if bandwidth:
+                        row["bw_frac"] = step_bytes(cfg, batch, 2) / row["median_us"] / 1e3 / bandwidth
                 result["rows"].append(row)
                 print_row(row)
                 save(args.out, result)  # partial results survive a timeout
@@ -86,10 +90,14 @@ def sweep(args: argparse.Namespace) -> dict:
 
 
 def tiles(c: dict) -> str:
-    return ",".join(str(c[k]) for k in ("block_b", "block_h", "block_k", "block_v", "num_warps", "num_stages"))
+    fields = ("block_b", "block_h", "block_k", "block_v", "num_warps", "num_stages")
+    return ",".join(str(c[k]) for k in fields) + ",pdl" * c["pdl"]
 
 
 def print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"H={r['hidden']:5d} B={r['batch']:5d} {tiles(r['config']):18s} failed: {r['error']}")
+        return
     bw = f"  {r['bw_frac']:4.0%} of copy bandwidth" if "bw_frac" in r else ""
     same = "same bits" if r["agrees"] else "DIFFERENT BITS"
     print(f"H={r['hidden']:5d} B={r['batch']:5d} {tiles(r['config']):18s} {r['median_us']:9.1f} µs"
@@ -101,7 +109,7 @@ def best(rows: list[dict]) -> list[dict]:
     out = {}
     for r in rows:
         key = (r["hidden"], r["batch"])
-        if r["agrees"] and (key not in out or r["median_us"] < out[key]["median_us"]):
+        if r.get("agrees") and (key not in out or r["median_us"] < out[key]["median_us"]):
             out[key] = r
     for r in out.values():
         print(f"best H={r['hidden']:5d} B={r['batch']:5d}: {tiles(r['config'])}  {r['median_us']:.1f} µs")

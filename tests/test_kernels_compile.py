@@ -36,15 +36,17 @@ def assert_fits(report: dict, kernels: int, mma: str) -> None:
         assert 0 < r["registers"] <= 255, where
         assert 0 < r["shared_bytes"] <= report["shared_limit"], where
         assert r["mma"] == mma, f"{where} compiled its dot to {r['mma']}"
+        assert r["grid_dependency"] == r["config"]["pdl"], f"{where}: PDL asked for, PTX disagrees"
 
 
 @pytest.mark.slow
 def test_every_sweep_config_compiles_for_h100_on_the_tensor_cores(tmp_path):
     # H=1000: hidden units and K padded to whole tiles; 3 kernels (2 layers, head) per config
     report = compile_report(tmp_path, "--arch", "90", "--hidden", "1000")
-    assert_fits(report, kernels=3 * 7, mma="wgmma")
+    assert_fits(report, kernels=3 * 8, mma="wgmma")
+    assert [r["config"]["pdl"] for r in report["rows"]] == [False] * 21 + [True] * 3  # the last one launches early
     assert report["rows"][0]["config"] == {"block_b": 64, "block_h": 16, "block_k": 64, "block_v": 64,
-                                            "num_warps": 4, "num_stages": 3}  # fmt: skip
+                                            "num_warps": 4, "num_stages": 3, "pdl": False}  # fmt: skip
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])

@@ -91,6 +91,16 @@ def test_the_default_plans(cell):
     hs.check(fp32, *hs.batch(5), 1e-5)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+def test_programmatic_dependent_launch(cell):
+    # on CUDA (Hopper and later) each kernel waits on the previous one in-kernel; the interpreter ignores it
+    hs = StepHarness(cell, 2, 37, 11, torch.bfloat16, DEVICE)
+    config = KernelConfig(block_h=4 if cell == "lstm" else 16, block_v=16, num_stages=6, pdl=True)
+    backend = TritonStep(hs.model, hs.pool, torch.bfloat16, config)
+    for size in (1, 40, 7):
+        hs.check(backend, *hs.batch(size), 1e-2)
+
+
 def test_a_plan_picks_its_config_by_the_batch_bucket():
     backend = eager(StepHarness("lstm", 1, 8, 4, device=DEVICE), config=plan("lstm"))
     configs = [c for _, c in plan("lstm")]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
@@ -70,6 +71,16 @@ def _tanh(x):
     return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
+@triton.jit
+def _after_previous_kernel(PDL: tl.constexpr):
+    """With programmatic dependent launch (Hopper+), this kernel's programs may start while the
+    previous kernel finishes: let the next kernel start early too, then wait until the previous
+    one's writes are visible, before any load."""
+    if PDL:
+        gdc_launch_dependents()
+        gdc_wait()
+
+
 @triton.jit(do_not_specialize=["B", "R"])
 def layer_kernel(
     tok_ptr,  # [B] int64 token ids (layer 0)
@@ -94,7 +105,9 @@ def layer_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EMULATE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _after_previous_kernel(PDL)
     pid_b, pid_h = tl.program_id(0), tl.program_id(1)
     N: tl.constexpr = GATES * BLOCK_H  # packed columns of this tile
     NP: tl.constexpr = GATES * HP
@@ -162,7 +175,9 @@ def head_kernel(
     BLOCK_V: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EMULATE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _after_previous_kernel(PDL)
     pid_b, pid_v = tl.program_id(0), tl.program_id(1)
     rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
     rmask = rows < B

@@ -25,6 +25,8 @@ class KernelConfig:
     """Tiles and launch options for one batch bucket; only the grid changes with the batch size.
 
     block_h counts hidden units; an LSTM tile is 4*block_h packed columns (>= 16 for tl.dot).
+    pdl: programmatic dependent launch (CUDA, Hopper and later), so that each kernel's programs
+    start while the previous kernel finishes; ignored under the interpreter.
     """
 
     block_b: int = 64
@@ -33,6 +35,7 @@ class KernelConfig:
     block_v: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         for name in ("block_b", "block_h", "block_k", "block_v"):
@@ -161,20 +164,23 @@ class TritonStep:
         rows = pool.parity.shape[0]
         x = [self._alloc((B, self.hidden), self.x_dtype) for _ in range(2)]  # ping-pong layer outputs
         c = pool.c if pool.c is not None else pool.h  # the Elman kernel never touches c
-        common = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+        pdl = cfg.pdl and not self.emulate
+        common = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "EMULATE": self.emulate, "PDL": pdl}
+        if pdl:
+            common["launch_pdl"] = True
         grid = (_cdiv(B, cfg.block_b), self.hp // cfg.block_h)
         for layer in range(self.layers):
             triton_lstm.layer_kernel[grid](
                 tokens, slots, self.table, x[(layer - 1) % 2], self.w[layer], self.bias[layer],
                 pool.h, c, pool.parity, x[layer % 2], B, rows,
                 LAYER=layer, LAYERS=self.layers, H=self.hidden, HP=self.hp, KH=self.kh, GATES=self.gates,
-                BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, EMULATE=self.emulate, **common,
+                BLOCK_B=cfg.block_b, BLOCK_H=cfg.block_h, BLOCK_K=cfg.block_k, **common,
             )  # fmt: skip
         logits = self._alloc((B, self.vocab), torch.float32)
         triton_lstm.head_kernel[(_cdiv(B, cfg.block_b), self.vp // cfg.block_v)](
             x[(self.layers - 1) % 2], self.head_w, self.head_b, logits, slots, pool.parity, B,
             V=self.vocab, VP=self.vp, H=self.hidden, KH=self.kh,
-            BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, EMULATE=self.emulate, **common,
+            BLOCK_B=cfg.block_b, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k, **common,
         )  # fmt: skip
         return logits
 
