@@ -89,6 +89,16 @@ def summary(times: list[float]) -> dict:
     return {"median_us": statistics.median(ordered), "p90_us": ordered[int(0.9 * (len(ordered) - 1))]}
 
 
+def l2_flush() -> torch.Tensor:
+    """A buffer twice the size of the GPU's L2: zeroing it evicts what a step left there."""
+    return torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size // 4 + 1, device="cuda")
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+
+
 def copy_bandwidth() -> float:
     """GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -156,13 +166,18 @@ class Baseline(nn.Module):
         return self.head(out[:, 0])
 
 
-def ours(cfg: ModelConfig, batch: int, backend: str, device: str, dtype: torch.dtype) -> tuple[Step, Step]:
-    """(one step, the replay of its CUDA graph or None) of our backend over scattered pool slots."""
+def scattered_batch(cfg: ModelConfig, batch: int, device: str) -> tuple[StatePool, torch.Tensor, torch.Tensor]:
+    """A full pool of max(batch, 2) sessions, and (seeded) tokens [B] and slots [B] scattered over it, on CPU."""
     torch.manual_seed(0)
     pool = StatePool(cfg, device, initial_slots=max(batch, 2), max_slots=max(batch, 2))
     taken = [pool.allocate() for _ in range(pool.capacity)]
     slots = torch.tensor(taken)[torch.randperm(len(taken))[:batch]]
-    tokens = torch.randint(0, cfg.vocab_size, (batch,))
+    return pool, torch.randint(0, cfg.vocab_size, (batch,)), slots
+
+
+def ours(cfg: ModelConfig, batch: int, backend: str, device: str, dtype: torch.dtype) -> tuple[Step, Step]:
+    """(one step, the replay of its CUDA graph or None) of our backend over scattered pool slots."""
+    pool, tokens, slots = scattered_batch(cfg, batch, device)
     be = make_backend(RecurrentLM(cfg), pool, backend, dtype)
     on_device = (tokens.to(device), slots.to(device))
 
@@ -179,7 +194,7 @@ def ours(cfg: ModelConfig, batch: int, backend: str, device: str, dtype: torch.d
 
 def gpu_bench(args: argparse.Namespace) -> dict:
     dtype, dev = torch.bfloat16, "cuda"
-    flush = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size // 4 + 1, device=dev)
+    flush = l2_flush()
     bandwidth, tflops = copy_bandwidth(), matmul_rate()
     from server.kernels.triton_step import default_plan  # not at the top: --smoke sets TRITON_INTERPRET first
 
@@ -312,8 +327,7 @@ def main() -> None:
     else:
         result = gpu_bench(args)
     result.update(torch=torch.__version__, python=platform.python_version(), args=vars(args) | {"out": str(args.out)})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

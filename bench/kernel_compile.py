@@ -144,11 +144,18 @@ def compile_step(cell: str, hidden: int, dtype: torch.dtype, cfg: KernelConfig, 
     ]
 
 
+FIELDS = ("block_b", "block_h", "block_k", "block_v", "num_warps", "num_stages")  # in config strings
+
+
 def parse_config(text: str) -> KernelConfig:
     """A config from "block_b,block_h,block_k[,block_v,num_warps,num_stages,pdl]" (the rest default)."""
-    fields = ["block_b", "block_h", "block_k", "block_v", "num_warps", "num_stages", "pdl"]
-    values = dict(zip(fields, map(int, text.split(","))))
+    values = dict(zip((*FIELDS, "pdl"), map(int, text.split(","))))
     return KernelConfig(**values | ({"pdl": bool(values["pdl"])} if "pdl" in values else {}))
+
+
+def describe(config: KernelConfig) -> str:
+    """The config as "block_b,block_h,block_k,block_v,num_warps,num_stages[,pdl]"."""
+    return ",".join(str(getattr(config, k)) for k in FIELDS) + ",pdl" * config.pdl
 
 
 def main() -> None:
@@ -174,9 +181,7 @@ def main() -> None:
         for hidden in args.hidden:
             for r in compile_step(args.cell, hidden, dtype, cfg, args.arch):
                 rows.append(r)
-                c = r.config
-                tiles = f"{c.block_b},{c.block_h},{c.block_k},{c.block_v},{c.num_warps},{c.num_stages}" + ",pdl" * c.pdl
-                print(f"{r.kernel:8s} {r.hidden:5d} {tiles:30s} {r.registers:5d} {r.spill_bytes:6d}"
+                print(f"{r.kernel:8s} {r.hidden:5d} {describe(r.config):30s} {r.registers:5d} {r.spill_bytes:6d}"
                       f" {r.shared_bytes / 1024:9.1f} {r.mma:>9s}")  # fmt: skip
     result = {"arch": args.arch, "shared_limit": SHARED_LIMIT[args.arch], "cell": args.cell,
               "dtype": args.dtype, "triton": triton.__version__, "rows": [asdict(r) for r in rows]}  # fmt: skip

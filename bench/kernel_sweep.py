@@ -19,7 +19,6 @@ Prints a table and, per (H, B), the fastest config that agrees; writes JSON as i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,26 +29,31 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 if "--smoke" in sys.argv:  # before triton is imported: a kernel is built for the interpreter when decorated
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from bench.kernel_bench import copy_bandwidth, step_bytes, summary, time_cuda, time_host  # noqa: E402
-from bench.kernel_compile import CANDIDATES, parse_config  # noqa: E402
+from bench.kernel_bench import (  # noqa: E402
+    copy_bandwidth,
+    l2_flush,
+    scattered_batch,
+    step_bytes,
+    summary,
+    time_cuda,
+    time_host,
+    write_json,
+)
+from bench.kernel_compile import CANDIDATES, describe, parse_config  # noqa: E402
 from server.kernels.cuda_graphs import bucket  # noqa: E402
 from server.kernels.triton_step import KernelConfig, TritonStep  # noqa: E402
 from server.model import ModelConfig, RecurrentLM  # noqa: E402
-from server.state_pool import StatePool  # noqa: E402
 
 
 def run_config(cfg: ModelConfig, batch: int, config: KernelConfig, device: str, dtype: torch.dtype):
     """(the step's logits and the pool's tensors after it, a replay of the bucket's graph or a step).
 
     Every config builds the same model, pool states, slots and tokens from the same seeds."""
-    torch.manual_seed(0)
+    pool, tokens, slots = scattered_batch(cfg, batch, device)
     model = RecurrentLM(cfg)
-    pool = StatePool(cfg, device, initial_slots=max(batch, 2), max_slots=max(batch, 2))
-    taken = [pool.allocate() for _ in range(pool.capacity)]
     pool.h.uniform_(-1, 1)
     pool.c.uniform_(-2, 2)
-    slots = torch.tensor(taken)[torch.randperm(len(taken))[:batch]].to(device)
-    tokens = torch.randint(0, cfg.vocab_size, (batch,)).to(device)
+    tokens, slots = tokens.to(device), slots.to(device)
     backend = TritonStep(model, pool, dtype, config)
     logits = backend.step(tokens, slots).clone()
     after = (logits, pool.h.clone(), pool.c.clone(), pool.parity.clone())
@@ -62,7 +66,7 @@ def run_config(cfg: ModelConfig, batch: int, config: KernelConfig, device: str, 
 def sweep(args: argparse.Namespace) -> dict:
     cuda = not args.smoke
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
-    flush = torch.empty(2 * torch.cuda.get_device_properties(0).L2_cache_size // 4 + 1, device=device) if cuda else None
+    flush = l2_flush() if cuda else None
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu (smoke, interpreted)", "rows": []}
     bandwidth = result["copy_gb_per_s"] = copy_bandwidth() if cuda else None
     for hidden in args.hidden:
@@ -83,24 +87,23 @@ def sweep(args: argparse.Namespace) -> dict:
                         row["bw_frac"] = step_bytes(cfg, batch, 2) / row["median_us"] / 1e3 / bandwidth
                 result["rows"].append(row)
                 print_row(row)
-                save(args.out, result)  # partial results survive a timeout
+                write_json(args.out, result)  # partial results survive a timeout
     result["best"] = best(result["rows"])
-    save(args.out, result)
+    write_json(args.out, result)
     return result
 
 
-def tiles(c: dict) -> str:
-    fields = ("block_b", "block_h", "block_k", "block_v", "num_warps", "num_stages")
-    return ",".join(str(c[k]) for k in fields) + ",pdl" * c["pdl"]
+def tiles(row: dict) -> str:
+    return describe(KernelConfig(**row["config"]))
 
 
 def print_row(r: dict) -> None:
     if "error" in r:
-        print(f"H={r['hidden']:5d} B={r['batch']:5d} {tiles(r['config']):18s} failed: {r['error']}")
+        print(f"H={r['hidden']:5d} B={r['batch']:5d} {tiles(r):18s} failed: {r['error']}")
         return
     bw = f"  {r['bw_frac']:4.0%} of copy bandwidth" if "bw_frac" in r else ""
     same = "same bits" if r["agrees"] else "DIFFERENT BITS"
-    print(f"H={r['hidden']:5d} B={r['batch']:5d} {tiles(r['config']):18s} {r['median_us']:9.1f} µs"
+    print(f"H={r['hidden']:5d} B={r['batch']:5d} {tiles(r):18s} {r['median_us']:9.1f} µs"
           f"  p90 {r['p90_us']:9.1f}{bw}  {same}")  # fmt: skip
 
 
@@ -112,13 +115,8 @@ def best(rows: list[dict]) -> list[dict]:
         if r.get("agrees") and (key not in out or r["median_us"] < out[key]["median_us"]):
             out[key] = r
     for r in out.values():
-        print(f"best H={r['hidden']:5d} B={r['batch']:5d}: {tiles(r['config'])}  {r['median_us']:.1f} µs")
+        print(f"best H={r['hidden']:5d} B={r['batch']:5d}: {tiles(r)}  {r['median_us']:.1f} µs")
     return list(out.values())
-
-
-def save(path: Path, result: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
 
 
 def main() -> None:
