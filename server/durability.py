@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,28 +123,28 @@ class Durability:
         if self.wal is None:
             return
         old_segment = self.wal.rotate()  # the states taken below cover every record before
-        taken = self._take_stranded(engine, True)  # their log may be all they have: it is about to go
-        for runtime in engine.registry.runtimes():
-            taken += await runtime.scheduler.in_step_thread(self._take, runtime.residency, engine.sessions_of(runtime), True)
-        await asyncio.to_thread(self._write_all, taken)
+        await self._snapshot_all(engine, moved_only=True)
         self.wal.delete_through(old_segment)
 
-    @staticmethod
-    def _take(residency, sessions: list[Session], moved_only: bool) -> list[tuple[Session, int, bytes]]:
-        """Step thread: snapshot contents of `sessions` (those that moved since their last one)."""
-        now = time.time()
-        return [
-            (s, s.state_position, snapshot_bytes(s, residency.state_bytes(s), now))
-            for s in sessions if not (moved_only and s.snapshot_position == s.state_position)
-        ]
+    async def _snapshot_all(self, engine, moved_only: bool) -> None:
+        """Write the snapshots of every session (those that moved since their last one), the
+        stranded ones included: their log may be all they have, and it is about to go."""
+        taken = self._contents(engine.stranded(), lambda s: s.host_state, moved_only)
+        for runtime in engine.registry.runtimes():
+            sessions, state_bytes = engine.sessions_of(runtime), runtime.residency.state_bytes
+            taken += await runtime.scheduler.in_step_thread(self._contents, sessions, state_bytes, moved_only)
+        await asyncio.to_thread(self._write_all, taken)
 
     @staticmethod
-    def _take_stranded(engine, moved_only: bool) -> list[tuple[Session, int, bytes]]:
-        """Snapshot contents of the sessions whose model version is not loaded (host state, pending tokens)."""
+    def _contents(
+        sessions: list[Session], state_of: Callable[[Session], bytes | None], moved_only: bool
+    ) -> list[tuple[Session, int, bytes]]:
+        """Snapshot contents of `sessions` (those that moved since their last one); in the step
+        thread for sessions on a loaded model, whose state `state_of` exports."""
         now = time.time()
         return [
-            (s, s.state_position, snapshot_bytes(s, s.host_state, now))
-            for s in engine.stranded() if not (moved_only and s.snapshot_position == s.state_position)
+            (s, s.state_position, snapshot_bytes(s, state_of(s), now))
+            for s in sessions if not (moved_only and s.snapshot_position == s.state_position)
         ]
 
     def _write_all(self, taken: list[tuple[Session, int, bytes]]) -> None:
@@ -159,10 +160,7 @@ class Durability:
         """Graceful stop: snapshot every session, then the log is no longer needed."""
         if self.mode == "none":
             return
-        taken = self._take_stranded(engine, False)
-        for runtime in engine.registry.runtimes():
-            taken += await runtime.scheduler.in_step_thread(self._take, runtime.residency, engine.sessions_of(runtime), False)
-        await asyncio.to_thread(self._write_all, taken)
+        await self._snapshot_all(engine, moved_only=False)
         if self.wal is not None:
             self.wal.close()
             self.wal.delete_through(self.wal.last_segment)
