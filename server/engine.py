@@ -65,7 +65,7 @@ class Engine:
                 session.stranded, replay = False, session.pending_replay
                 session.pending_replay = []
                 if replay:
-                    await self.run_quietly(session, Job("", Outbox(limit=2), feed=replay, reset=session.state_position == 0))
+                    await self.replay(session, replay)
         log.info("models rescanned: %d new version(s)", len(added))
 
     def _start_runtime(self, runtime: ModelRuntime) -> None:
@@ -291,6 +291,11 @@ class Engine:
         await self.runtime(session).scheduler.settle(session)
         if not session.idle:
             raise FailedPrecondition(f"cannot {action} session {session.id}: a new request on it started; wait for it to finish")
+
+    async def replay(self, session: Session, tokens: list[int]) -> None:
+        """Feed a restored session its logged tokens again, through the same step (from the zero
+        state if its state is at position 0)."""
+        await self.run_quietly(session, Job("", Outbox(limit=2), feed=tokens, reset=session.state_position == 0))
 
     async def run_quietly(self, session: Session, job: Job) -> None:
         """Submit `job` and wait until it has absorbed all its input (its events are not needed);

@@ -16,7 +16,6 @@ import numpy as np
 
 from server import tokenizer
 from server.durability import Restored
-from server.jobs import Job, Outbox
 from server.sessions import Session
 
 log = logging.getLogger(__name__)
@@ -59,8 +58,7 @@ async def restore_sessions(engine) -> None:
         if found.position == 0 and not found.replay:  # created, but its <bos> never logged
             found.replay = [tokenizer.BOS]
         if found.replay:
-            job = Job("", Outbox(limit=2), feed=list(found.replay), reset=found.position == 0)
-            replays.append(_replay(engine, session, job, slots))
+            replays.append(_replay(engine, session, list(found.replay), slots))
     if replays:
         await asyncio.gather(*replays)
     if restored:
@@ -68,6 +66,6 @@ async def restore_sessions(engine) -> None:
         await engine.durability.checkpoint(engine)
 
 
-async def _replay(engine, session: Session, job: Job, slots: asyncio.Semaphore) -> None:
+async def _replay(engine, session: Session, tokens: list[int], slots: asyncio.Semaphore) -> None:
     async with slots:
-        await engine.run_quietly(session, job)
+        await engine.replay(session, tokens)
