@@ -5,7 +5,7 @@ BIN = $(VENV)/bin
 # The exact command that generated the committed stubs; tests/test_proto_stubs.py runs it too.
 PROTOC = $(BIN)/python -m grpc_tools.protoc -Iclient=proto --python_out=. --pyi_out=. --grpc_python_out=.
 
-.PHONY: setup test test-fast test-docker proto train-default gpu-wheels demo clean
+.PHONY: setup test-deps test test-fast test-docker proto train-default gpu-wheels demo clean
 
 setup: $(BIN)/lstm-serve
 
@@ -19,7 +19,11 @@ $(BIN)/lstm-serve: pyproject.toml constraints.txt
 demo: setup
 	BIN=$(BIN) bash scripts/demo.sh
 
-test: setup
+# System tools the tests run for real (Prometheus, promtool, unshare): installed when missing.
+test-deps:
+	bash scripts/test-deps.sh
+
+test: setup test-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: setup

@@ -198,14 +198,16 @@ class AsyncSession(SessionHandle):
 
     async def generate(
         self, prompt: Prompt = "", *, max_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
-        top_p: float | None = None, stop: Sequence[str] = (),
+        top_p: float | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
     ) -> AsyncTokenStream:
-        """Feed `prompt` (if any), then generate; `async for` over the result gets tokens as they arrive."""
+        """Feed `prompt` (if any), then generate; `async for` over the result gets tokens as they arrive.
+        `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop."""
         attachment = await self._attached()
         if prompt:
             await attachment.send(pb.StreamRequest(feed=pb.FeedRequest(input=make_input(prompt))), answered=False)
         generate = pb.GenerateTokensRequest(
-            max_tokens=max_tokens, sampling=make_sampling(temperature, top_k, top_p), stop=list(stop)
+            max_tokens=max_tokens, sampling=make_sampling(temperature, top_k, top_p), stop=list(stop),
+            ignore_eos=ignore_eos,
         )
         request_id = await attachment.send(pb.StreamRequest(generate=generate))
         return AsyncTokenStream(attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id)

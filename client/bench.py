@@ -44,6 +44,8 @@ class BenchConfig:
     top_p: float | None = None
     seed: int | None = None
     """Session i gets seed + i; None: random seeds."""
+    ignore_eos: bool = False
+    """Generate past <eos>: every request then runs to `max_tokens`."""
     progress: bool = True
 
 
@@ -131,7 +133,9 @@ class _Run:
         try:
             c = self.config
             last = time.perf_counter()
-            stream = await session.generate(c.prompt, max_tokens=claim, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p)
+            stream = await session.generate(
+                c.prompt, max_tokens=claim, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, ignore_eos=c.ignore_eos
+            )
             async for _ in stream:
                 now = time.perf_counter()
                 (self.result.itl_s if got else self.result.ttft_s).append(now - last)

@@ -66,6 +66,7 @@ def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1] (default: 1, off)")
     p.add_argument("--seed", type=int, metavar="N", help="a new session's sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop once the text ends with TEXT (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="generate past <eos> (absorbed like any token) up to --max-tokens or a --stop")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -80,7 +80,10 @@ def print_stream(stream: TokenStream, as_json: bool) -> None:
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "stop": args.stop}
+    return {
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+        "stop": args.stop, "ignore_eos": args.ignore_eos,
+    }
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -255,7 +258,7 @@ def bench(args: argparse.Namespace) -> int:
     config = BenchConfig(
         model=model, sessions=args.sessions, duration=args.duration, tokens=args.tokens, max_tokens=args.max_tokens,
         prompt=args.prompt, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        progress=args.progress,
+        ignore_eos=args.ignore_eos, progress=args.progress,
     )
     result = asyncio.run(run_bench(args.target, options, config))
     if args.json:

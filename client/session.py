@@ -196,14 +196,16 @@ class Session(SessionHandle):
 
     def generate(
         self, prompt: Prompt = "", *, max_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
-        top_p: float | None = None, stop: Sequence[str] = (),
+        top_p: float | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
     ) -> TokenStream:
-        """Feed `prompt` (if any), then generate; iterate the result to get tokens as they arrive."""
+        """Feed `prompt` (if any), then generate; iterate the result to get tokens as they arrive.
+        `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop."""
         attachment = self._attached()
         if prompt:
             attachment.send(pb.StreamRequest(feed=pb.FeedRequest(input=make_input(prompt))), answered=False)
         generate = pb.GenerateTokensRequest(
-            max_tokens=max_tokens, sampling=make_sampling(temperature, top_k, top_p), stop=list(stop)
+            max_tokens=max_tokens, sampling=make_sampling(temperature, top_k, top_p), stop=list(stop),
+            ignore_eos=ignore_eos,
         )
         request_id = attachment.send(pb.StreamRequest(generate=generate))
         return TokenStream(attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id)

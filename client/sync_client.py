@@ -93,15 +93,17 @@ class Client:
     def generate(
         self, prompt: Prompt = "", *, model: str = "", model_version: str = "", session_id: str = "",
         max_tokens: int = 0, temperature: float | None = None, top_k: int = 0, top_p: float | None = None,
-        stop: Sequence[str] = (), seed: int | None = None, takeover: bool = False,
+        stop: Sequence[str] = (), seed: int | None = None, takeover: bool = False, ignore_eos: bool = False,
     ) -> TokenStream:
         """Feed `prompt`, then generate; iterate the result to get tokens as they arrive.
 
         Without `session_id`, a temporary session on `model` is used (and deleted after).
+        `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop.
         """
         request = generate_request(
             prompt, model=model, model_version=model_version, session_id=session_id, max_tokens=max_tokens,
             temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed, takeover=takeover,
+            ignore_eos=ignore_eos,
         )
         call = self.stub.Generate(request, metadata=self.options.metadata(), timeout=self.options.stream_timeout)
         return TokenStream(call, call.cancel, session_id)

@@ -6,6 +6,8 @@ The keys file is YAML, a list of entries:
       sha256: 2bd806c9...         # hex sha256 of the key; the key itself is never stored
       max_sessions: 100           # optional
       max_tokens_per_request: 2048  # optional
+      max_queued_requests: 4      # optional: requests each of its sessions may have queued or running
+                                  # (the lower of this and --max-queued-per-session applies)
 
 Clients send `authorization: Bearer <key>`. The presented key is hashed and compared with
 every stored hash in constant time. Without a keys file every caller is `anonymous`.
@@ -31,6 +33,7 @@ class ApiKey(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     max_sessions: int | None = Field(None, ge=1)
     max_tokens_per_request: int | None = Field(None, ge=1)
+    max_queued_requests: int | None = Field(None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,7 @@ def hash_key(key: str) -> str:
 class Authenticator:
     def __init__(self, keys: list[ApiKey] | None = None) -> None:
         self.keys = keys  # None: no authentication
+        self._by_name = {k.name: k for k in keys or ()}
 
     @classmethod
     def from_file(cls, path: Path | None) -> Authenticator:
@@ -59,6 +63,11 @@ class Authenticator:
         if len({k.name for k in entries}) != len(entries):
             raise ValueError(f"{path}: key names must be unique")
         return cls(entries)
+
+    def max_queued_requests(self, name: str) -> int | None:
+        """The per-session request cap of key `name`'s sessions (None: only the server's)."""
+        entry = self._by_name.get(name)
+        return entry.max_queued_requests if entry else None
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The caller behind an `authorization` metadata value; UNAUTHENTICATED if none matches."""

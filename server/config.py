@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from server.journal import MAX_TOKENS_PER_RECORD
+
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LSTM_SERVE_", extra="forbid")
 
     models_dir: Path = Path("models")
-    host: str = "0.0.0.0"
+    host: str = Field("127.0.0.1", description="address of gRPC and /metrics; 0.0.0.0 (or ::) listens beyond this machine")
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port; the bound one is printed")
     metrics_port: int = Field(8000, ge=0, le=65535, description="Prometheus /metrics over HTTP; 0 picks a free port")
     backend: Literal["auto", "torch", "triton"] = "auto"
@@ -24,9 +27,15 @@ class ServeSettings(BaseSettings):
     device_slots: int = Field(1024, ge=1, description="session states held on the device")
     max_sessions: int = Field(4096, ge=1, description="sessions on device and host together")
     max_queue: int = Field(1024, ge=1, description="requests waiting for the scheduler, per model")
+    max_queued_per_session: int = Field(
+        16, ge=1, description="requests one session may have queued or running; more get RESOURCE_EXHAUSTED"
+    )
     max_prompt_tokens: int = Field(8192, ge=1)
     max_new_tokens: int = Field(4096, ge=1)
-    prefill_chunk: int = Field(64, ge=1, description="prompt tokens a session feeds before yielding its turn to waiting sessions")
+    prefill_chunk: int = Field(
+        64, ge=1, le=MAX_TOKENS_PER_RECORD,
+        description="prompt tokens a session feeds before yielding its turn to waiting sessions (one log record)",
+    )
     session_ttl: float = Field(600.0, gt=0, description="seconds an idle session lives")
     max_session_ttl: float = Field(7 * 24 * 3600.0, gt=0, description="the longest TTL a client may ask for")
     api_keys_file: Path | None = None
@@ -57,3 +66,31 @@ class ServeSettings(BaseSettings):
         elif self.durability != "none" and self.state_dir is None:
             raise ValueError(f"durability {self.durability!r} needs a state_dir")
         return self
+
+
+def is_loopback(host: str) -> bool:
+    """True if `host` (a name or an address, IPv6 possibly in brackets) reaches only this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another name: it may resolve to any interface
+
+
+def exposure_warnings(settings: ServeSettings) -> list[str]:
+    """What the start-up log warns about when listening beyond loopback: no API keys, or API
+    keys sent without TLS."""
+    if is_loopback(settings.host):
+        return []
+    if settings.api_keys_file is None:
+        return [
+            f"listening on {settings.host}, beyond loopback, without --api-keys-file: anyone who can reach these "
+            f"ports can use every model and session; give --api-keys-file, or --host 127.0.0.1 for local use only"
+        ]
+    if settings.tls_cert is None:
+        return [
+            f"API keys travel unencrypted to {settings.host} (no --tls-cert): anyone on the network path can read "
+            f"and reuse them; give --tls-cert and --tls-key, or listen on loopback behind a TLS-terminating proxy"
+        ]
+    return []

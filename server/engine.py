@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import numpy as np
@@ -38,15 +38,22 @@ class Engine:
         self.metrics = metrics
         self.auth = Authenticator.from_file(settings.api_keys_file)
         self.store = SessionStore(settings.max_sessions, settings.session_ttl, settings.max_session_ttl)
-        self.durability = Durability(settings.state_dir, settings.durability, settings.fsync_interval, settings.snapshot_interval)
+        self.durability = Durability(
+            settings.state_dir, settings.durability, settings.fsync_interval, settings.snapshot_interval,
+            on_error=lambda operation, error: metrics.durability_errors.labels(operation).inc(),
+            on_health=self._log_health_changed,
+        )
         self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False  # models loaded and schedulers running
+        self.log_healthy = True  # False while the state dir refuses the log's writes
+        self.on_health: Callable[[bool], None] = lambda serving: None  # health to report (set by serve())
         metrics.session_capacity.labels("device_per_model").set(settings.device_slots)
         metrics.session_capacity.labels("total").set(settings.max_sessions)
 
     async def start(self) -> None:
         """Start the schedulers, restore the sessions of the state dir, then serve."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         for runtime in self.registry.runtimes():
             self._start_runtime(runtime)
         await restore_sessions(self)
@@ -70,8 +77,20 @@ class Engine:
 
     def _start_runtime(self, runtime: ModelRuntime) -> None:
         """Start a model version's scheduler, logging what it absorbs."""
-        runtime.scheduler.on_absorbed = self.durability.absorbed
+        runtime.scheduler.on_record = self.durability.record
         runtime.scheduler.start()
+
+    def _log_health_changed(self, healthy: bool) -> None:
+        """Any thread: the log failed (NOT_SERVING) or recovered (SERVING again)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._set_log_health, healthy)
+        else:
+            self.log_healthy = healthy
+
+    def _set_log_health(self, healthy: bool) -> None:
+        self.log_healthy = healthy
+        if self.ready:
+            self.on_health(healthy)
 
     def check_ready(self) -> None:
         if not self.ready:
@@ -127,15 +146,14 @@ class Engine:
     def list_sessions(self, principal: Principal) -> list[Session]:
         return self.store.owned_by(principal.name)
 
-    async def create_session(self, principal: Principal, model: str, version: str, seed: int | None, ttl: float | None) -> Session:
-        """A new session that has absorbed <bos>."""
+    async def create_session(
+        self, principal: Principal, model: str, version: str, seed: int | None, ttl: float | None, durable: bool = True
+    ) -> Session:
+        """A new session that has absorbed <bos> (a temporary one, not `durable`, is never written)."""
         runtime = self.registry.get(model, version)
         session = self._register(principal, runtime, seed, ttl)
-        try:
-            await self.run_quietly(session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
-        except BaseException:
-            self._end(session, "deleted")
-            raise
+        session.durable = durable
+        await self._or_rolled_back(session, self.run_quietly(session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True)))
         return session
 
     async def reset_session(self, principal: Principal, session_id: str) -> Session:
@@ -152,7 +170,7 @@ class Engine:
         child.position = child.state_position = parent.position
         child.logits, child.history = parent.logits.copy(), list(parent.history)
         parent.touch()
-        await self._unless_cancelled(child, runtime.scheduler.in_step_thread(self._copy_and_snapshot, runtime, parent, child))
+        await self._or_rolled_back(child, runtime.scheduler.in_step_thread(self._copy_and_snapshot, runtime, parent, child))
         return child
 
     def _copy_and_snapshot(self, runtime: ModelRuntime, parent: Session, child: Session) -> None:
@@ -185,23 +203,23 @@ class Engine:
         session.position = session.state_position = exported.position
         session.logits = exported.logits
         try:
-            placed = await self._unless_cancelled(
+            placed = await self._or_rolled_back(
                 session, runtime.scheduler.in_step_thread(self._load_and_snapshot, runtime, session, exported.state)
             )
         except ValueError as e:
-            self._end(session, "deleted")
             raise InvalidArgument(f"the blob's state does not fit model {runtime.name!r}: {e}") from e
         if not placed:
             self._end(session, "deleted")
             raise ResourceExhausted("every device slot is in use by running requests; retry the import shortly", "capacity")
         return session
 
-    async def _unless_cancelled(self, session: Session, operation: Awaitable[T]) -> T:
-        """Await a new session's set-up; if the caller goes away meanwhile, end the session
-        (the client never heard of it)."""
+    async def _or_rolled_back(self, session: Session, operation: Awaitable[T]) -> T:
+        """Await a new session's set-up; if it fails (its first snapshot or log record could not
+        be written) or the caller goes away meanwhile, end the session: the client never heard
+        of it, and nothing of it stays in the state dir."""
         try:
             return await operation
-        except asyncio.CancelledError:
+        except BaseException:
             self._end(session, "deleted")
             raise
 
@@ -212,8 +230,10 @@ class Engine:
             self.durability.snapshot(session, state)
         return placed
 
-    def delete_session(self, principal: Principal, session_id: str) -> None:
-        self._end(self.get_session(principal, session_id), "deleted")
+    async def delete_session(self, principal: Principal, session_id: str) -> None:
+        """Returns once the deletion is on disk (with a state dir): it never comes back."""
+        session = self.get_session(principal, session_id)
+        await self.durability.delete(session, lambda: self._end(session, "deleted"))
 
     # ---- streams -------------------------------------------------------------------------
 
@@ -235,10 +255,23 @@ class Engine:
         if session.closed:
             raise NotFound(f"session {session.id} was deleted")
         try:
+            self._check_session_queue(session)
             self.runtime(session).scheduler.submit(session, job)
         except ResourceExhausted as e:
             self.metrics.sessions_rejected.labels(e.reason).inc()
             raise
+
+    def _check_session_queue(self, session: Session) -> None:
+        """RESOURCE_EXHAUSTED when `session` already has its cap of live requests queued or
+        running: --max-queued-per-session, or its API key's lower max_queued_requests."""
+        key_limit = self.auth.max_queued_requests(session.owner)
+        limit = min(self.settings.max_queued_per_session, key_limit or self.settings.max_queued_per_session)
+        if sum(1 for job in session.jobs if not job.cancelled) >= limit:
+            whose = "this API key's max_queued_requests" if limit == key_limit else "this server's --max-queued-per-session"
+            raise ResourceExhausted(
+                f"session {session.id} already has {limit} requests queued or running ({whose}); "
+                f"read their events and wait for one to finish before sending another", "session_queue_full"
+            )
 
     async def generate(
         self, principal: Principal, session_id: str, model: str, version: str,
@@ -248,10 +281,12 @@ class Engine:
         Without a session id a temporary session is created, and deleted at the end."""
         temporary = None
         if not session_id:
-            temporary = await self.create_session(principal, model, version, seed, None)
+            temporary = await self.create_session(principal, model, version, seed, None, durable=False)
             session_id = temporary.id
         elif seed is not None:
             raise InvalidArgument("seed applies to temporary sessions only; a session keeps the seed it was created with")
+        elif model and model != (running := self.get_session(principal, session_id).model):
+            raise InvalidArgument(f"session {session_id} runs model {running!r}, not {model!r}: omit model, or give {running!r}")
         try:
             session, driver = self.attach(principal, session_id, takeover)
             job = Job("", driver.outbox, feed=prompt, generate=spec)
@@ -280,7 +315,6 @@ class Engine:
             self.metrics.sessions_rejected.labels(e.reason).inc()
             raise
         session.logits = runtime.zero_logits()
-        self.durability.created(session)
         self.metrics.sessions_created.labels(runtime.name).inc()
         return session
 
@@ -295,7 +329,11 @@ class Engine:
     async def replay(self, session: Session, tokens: list[int]) -> None:
         """Feed a restored session its logged tokens again, through the same step (from the zero
         state if its state is at position 0)."""
-        await self.run_quietly(session, Job("", Outbox(limit=2), feed=tokens, reset=session.state_position == 0))
+        session.replaying = True
+        try:
+            await self.run_quietly(session, Job("", Outbox(limit=2), feed=tokens, reset=session.state_position == 0, replay=True))
+        finally:
+            session.replaying = False
 
     async def run_quietly(self, session: Session, job: Job) -> None:
         """Submit `job` and wait until it has absorbed all its input (its events are not needed);

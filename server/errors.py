@@ -26,7 +26,7 @@ class ResourceExhausted(ServeError):
 
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
-        self.reason = reason  # a bounded metric label: capacity, key_limit, queue_full
+        self.reason = reason  # a bounded metric label: capacity, key_limit, queue_full, session_queue_full
 
 
 class OutOfRange(ServeError):

@@ -87,6 +87,7 @@ class GenerateSpec:
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # <eos> is absorbed like any token; only max_tokens or a stop sequence ends the job
 
 
 @dataclass(eq=False)
@@ -98,6 +99,7 @@ class Job:
     return_logprobs: bool = False  # a TokenEvent per fed token
     top_logprobs: int = 0
     reset: bool = False  # zero the session's state first (creation, ResetSession)
+    replay: bool = False  # logged tokens fed again after a restart: not logged a second time
     fed: int = 0
     generated: int = 0
     cancelled: bool = False
@@ -117,6 +119,12 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def fail(self, error: Exception) -> None:
+        """End with an error that ends the stream too (the state dir refused its tokens)."""
+        if not self.done:
+            self.cancelled = self.done = True
+            self.outbox.put(ErrorEvent(error))
 
     def abort(self) -> None:
         """Stop without a finished event: the stream itself ends (the server is stopping)."""
@@ -143,7 +151,7 @@ class Job:
 
     def _finish_reason(self, token: int, text: str) -> FinishReason | None:
         spec = self.generate
-        if token == tokenizer.EOS:
+        if token == tokenizer.EOS and not spec.ignore_eos:
             return FinishReason.END_TOKEN
         if spec.stop:
             self._text_tail = (self._text_tail + text)[-max(map(len, spec.stop)) * 2 :]

@@ -23,7 +23,7 @@ GRPC_CODES = (
     "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 )
 SESSION_END_REASONS = ("deleted", "expired", "temporary")
-REJECT_REASONS = ("capacity", "key_limit", "queue_full")
+REJECT_REASONS = ("capacity", "key_limit", "queue_full", "session_queue_full")
 LOCATIONS = ("device", "host")
 
 
@@ -89,6 +89,9 @@ class Metrics:
             "state_problems", "Damaged snapshots or log records found in the state dir at start-up"
         )
         self.sessions_restored = counter("sessions_restored", "Sessions brought back from the state dir at start-up")
+        self.durability_errors = counter(
+            "durability_errors", "Failed writes to the state dir, by operation (write, fsync: the log; snapshot)", ["operation"]
+        )
         self.build = Info("lstm_serve_build", "Server build", registry=self.registry)
         self.build.info({"version": _version(), "python": platform.python_version(), "torch": torch.__version__})
         self._init_labels(methods)
@@ -114,6 +117,8 @@ class Metrics:
             self.sessions_ended.labels(reason)
         for reason in REJECT_REASONS:
             self.sessions_rejected.labels(reason)
+        for operation in ("write", "fsync", "snapshot"):
+            self.durability_errors.labels(operation)
         for location in LOCATIONS:
             self.sessions.labels(location)
             self.state_memory.labels(location)

@@ -16,6 +16,7 @@ import numpy as np
 
 from server import tokenizer
 from server.durability import Restored
+from server.errors import Unavailable
 from server.sessions import Session
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ def rebuild(restored: Restored, vocab_size: int | None) -> Session:
         float(meta["created_at"]), now + float(meta["remaining_ttl"]),
     )
     session.position = session.state_position = restored.position
+    session.life, session.logged = restored.life, True
     session.durable_position = restored.position + len(restored.replay)
     session.host_state = restored.state
     session.history = list(restored.history)
@@ -63,7 +65,10 @@ async def restore_sessions(engine) -> None:
         await asyncio.gather(*replays)
     if restored:
         log.info("restored %d session(s), %d replayed from the log", len(restored), len(replays))
-        await engine.durability.checkpoint(engine)
+        try:
+            await engine.durability.checkpoint(engine)
+        except (OSError, Unavailable) as e:  # serve anyway: the log is kept until a checkpoint succeeds
+            log.error("state dir: the checkpoint after restoring failed (%s); the log is kept", e)
 
 
 async def _replay(engine, session: Session, tokens: list[int], slots: asyncio.Semaphore) -> None:

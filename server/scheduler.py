@@ -4,7 +4,8 @@ Each iteration takes up to max_batch_size sessions that have a job (round-robin;
 one job per session, FIFO within it; a session whose client stopped reading is skipped),
 samples the next token of every generating row from its stored logits in one batch, then,
 in the step thread:
-  1. makes their states resident in the device pool,
+  1. makes their states resident in the device pool and logs the iteration's tokens (with a
+     state dir; if the log refuses them, no state moves and the requests end UNAVAILABLE),
   2. runs batched steps: sub-step 0 holds every row; a row that is feeding a prompt goes on
      for up to `prefill_chunk` tokens in the following sub-steps, so a long prompt moves fast
      yet delays the others' next token by a bounded amount,
@@ -30,7 +31,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from server.errors import ResourceExhausted
+from server.errors import ResourceExhausted, Unavailable
 from server.jobs import FinishReason, Job
 from server.kernels import StepBackend
 from server.residency import DeviceResidency
@@ -74,7 +75,7 @@ class Scheduler:
         max_queue: int,
         prefill_chunk: int,
         on_iteration: Callable[[StepStats], None] = lambda stats: None,
-        on_absorbed: Callable[[list[tuple[Session, int, list[int]]]], None] = lambda entries: None,
+        on_record: Callable[[list[tuple[Session, int, list[int]]]], None] = lambda entries: None,
     ) -> None:
         self.backend = backend
         self.residency = residency
@@ -82,7 +83,9 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.on_iteration = on_iteration
-        self.on_absorbed = on_absorbed  # step thread: (session, start position, tokens) per row, for the log
+        # step thread, before the step: (session, start position, tokens) per row, for the log;
+        # raises Unavailable if they cannot be recorded, and then no state moves
+        self.on_record = on_record
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._ready: deque[Session] = deque()
         self._queued = 0  # jobs submitted and not finished
@@ -155,6 +158,10 @@ class Scheduler:
                 before = self._sample(rows)
                 runnable, outputs = await loop.run_in_executor(self.executor, self._execute, rows)
                 self._record(runnable, before, outputs)
+            except Unavailable as e:  # the log refused this iteration's tokens: no state moved
+                for row in rows:
+                    row.job.fail(e)
+                outputs = []
             except Exception:  # a bug, not bad input: keep serving the other sessions
                 log.exception("step failed; cancelling the %d requests of this batch", len(rows))
                 for row in rows:
@@ -258,6 +265,7 @@ class Scheduler:
         """
         pinned = {row.session.id for row in rows}
         runnable = [r for r in rows if not r.session.closed and self.residency.make_resident(r.session, pinned)]
+        self.on_record([(row.session, row.position, row.tokens) for row in runnable if not row.job.replay])
         for row in runnable:
             if row.job.reset and row.job.fed == 0:
                 self.residency.reset(row.session)
@@ -272,7 +280,6 @@ class Scheduler:
                 runnable[i].session.logits = logits[n]
         for row in runnable:
             row.session.remember(row.position, row.tokens)
-        self.on_absorbed([(row.session, row.position, row.tokens) for row in runnable])
         return runnable, outputs
 
     # ---- back on the event loop ---------------------------------------------------------------

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
-from server.config import ServeSettings
+from server.config import ServeSettings, exposure_warnings
 from server.engine import Engine
 from server.metrics import Metrics
 from server.registry import ModelRegistry
@@ -81,17 +81,21 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> N
     metrics_port = metrics.serve(settings.host, settings.metrics_port)
     await server.start()
     print(f"lstm-serve: listening on {settings.host}:{port}, metrics on http://{settings.host}:{metrics_port}/metrics", flush=True)
+    for warning in exposure_warnings(settings):
+        log.warning(warning)
 
     await asyncio.to_thread(registry.scan)
     if not registry.runtimes():
         log.warning("no valid model in %s: every session request will get NOT_FOUND", settings.models_dir)
     await engine.start()
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(engine.reload_models()))
-    await set_health(health_servicer, True)
+    engine.on_health = lambda serving: loop.create_task(set_health(health_servicer, serving))
+    await set_health(health_servicer, engine.log_healthy)
     log.info("serving %d model version(s)", len(registry.runtimes()))
 
     await stop.wait()
     log.info("shutting down: NOT_SERVING for %.1fs, then ending streams", settings.shutdown_delay)
+    engine.on_health = lambda serving: None  # a recovering state dir must not report SERVING now
     await set_health(health_servicer, False)
     await asyncio.sleep(settings.shutdown_delay)
     await engine.stop()

@@ -24,6 +24,7 @@ from server.streams import Opened, run_stream
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["LstmServeService"]
 METHODS = [m.name for m in SERVICE.methods]
+PROMPT_METHODS = ("Generate", "Stream")  # their requests are small but for the prompt: refused unparsed when too large
 MAX_DETAILS = 500  # characters of a status message; grpc drops longer headers (the client would see RESOURCE_EXHAUSTED)
 
 
@@ -104,13 +105,15 @@ def streaming(method: Callable) -> Callable:
 
 def add_to_server(servicer: LstmServeServicer, server: grpc.aio.Server) -> None:
     """Register the servicer as the generated `add_LstmServeServiceServicer_to_server` does, but
-    with lenient request deserializers: a request that does not parse gets INVALID_ARGUMENT."""
+    with lenient request deserializers: a request that does not parse, or a prompt-carrying one
+    larger than any valid request, gets INVALID_ARGUMENT."""
     handlers = {}
     for method in SERVICE.methods:
         kind = ("stream" if method.client_streaming else "unary") + "_" + ("stream" if method.server_streaming else "unary")
+        max_prompt = servicer.settings.max_prompt_tokens if method.name in PROMPT_METHODS else None
         handlers[method.name] = getattr(grpc, f"{kind}_rpc_method_handler")(
             getattr(servicer, method.name),
-            request_deserializer=translate.lenient(getattr(pb, method.input_type.name).FromString),
+            request_deserializer=translate.lenient(getattr(pb, method.input_type.name).FromString, max_prompt),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
@@ -158,7 +161,7 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
 
     @unary
     async def DeleteSession(self, request, principal):
-        self.engine.delete_session(principal, request.session_id)
+        await self.engine.delete_session(principal, request.session_id)
         return pb.DeleteSessionResponse()
 
     @unary
@@ -188,7 +191,7 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
         if not request.session_id and not request.model:
             raise InvalidArgument("give session_id, or model for a temporary session")
         prompt = translate.input_tokens(request.prompt, self.settings)
-        spec = translate.generate_spec(request.max_tokens, request.sampling, request.stop, self.settings, principal)
+        spec = translate.generate_spec(request, self.settings, principal)
         events = self.engine.generate(
             principal, request.session_id, request.model, request.model_version, prompt, spec,
             translate.optional_seed(request), request.takeover,

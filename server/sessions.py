@@ -53,7 +53,11 @@ class Session:
     slot: int | None = None  # device pool slot, or None when the state is in host memory
     host_state: bytes | None = None  # the state while off the device (None: zero state)
     durable_position: int = 0  # how far the session would come back after a crash
-    snapshot_position: int = -1  # position of its last snapshot (-1: none)
+    durable: bool = True  # False: a temporary session, never written to the state dir
+    logged: bool = False  # the log (or a snapshot) knows the session exists
+    life: int = 0  # restarts from position 0 (creation, resets): what a snapshot of it is taken in
+    snapshot_key: tuple[int, int] | None = None  # (life, position) of its last snapshot
+    replaying: bool = False  # its logged tokens are being fed again (after a restart)
     stranded: bool = False  # restored for a model version that is not loaded: only its data is kept
     pending_replay: list[int] = field(default_factory=list)  # a stranded session's logged, unapplied tokens
     jobs: deque[Job] = field(default_factory=deque)  # FIFO of this session's requests

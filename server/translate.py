@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError, Message
@@ -42,27 +43,43 @@ CELLS = {"lstm": pb.CELL_LSTM, "rnn": pb.CELL_RNN}
 
 @dataclass(frozen=True)
 class Malformed:
-    """A request whose bytes did not parse (bad UTF-8 in a string, a corrupt wire format)."""
+    """A request refused by its deserializer: its bytes did not parse (bad UTF-8 in a string,
+    a corrupt wire format), or there are more of them than a valid request can have."""
 
     error: str
 
 
-def lenient(parse: Callable[[bytes], Message]) -> Callable[[bytes], Message | Malformed]:
-    """A request deserializer that hands a parse failure to the servicer (grpc would answer UNKNOWN)."""
+def lenient(parse: Callable[[bytes], Message], max_prompt_tokens: int | None = None) -> Callable[[bytes], Message | Malformed]:
+    """A request deserializer that hands a parse failure to the servicer (grpc would answer
+    UNKNOWN). With `max_prompt_tokens`, a message larger than any valid request with such a
+    prompt is refused unparsed: a huge prompt costs no parsed copy, text or token list."""
+    max_bytes = None if max_prompt_tokens is None else max_request_bytes(max_prompt_tokens)
 
     def deserialize(data: bytes) -> Message | Malformed:
+        if max_bytes is not None and len(data) > max_bytes:
+            return Malformed(
+                f"the request message has {len(data)} bytes, more than any request with a prompt of at most "
+                f"{max_prompt_tokens} tokens ({max_bytes} bytes): split the prompt into several feeds"
+            )
         try:
             return parse(data)
         except DecodeError as e:
-            return Malformed(str(e))
+            return Malformed(f"the request message could not be parsed: {e}")
 
     return deserialize
 
 
+def max_request_bytes(max_prompt_tokens: int) -> int:
+    """The most bytes a valid Generate or Stream request message can have: a prompt of
+    `max_prompt_tokens` UTF-8 bytes or token ids (under 3 bytes each, even unpacked), every
+    stop sequence at 4 bytes a character, and room for the other fields."""
+    return 3 * max_prompt_tokens + MAX_STOP_SEQUENCES * (4 * MAX_STOP_LENGTH + 8) + 64 * 1024
+
+
 def parsed(request):
-    """`request`, or INVALID_ARGUMENT if its bytes did not parse."""
+    """`request`, or INVALID_ARGUMENT if it was refused unparsed."""
     if isinstance(request, Malformed):
-        raise InvalidArgument(f"the request message could not be parsed: {request.error}")
+        raise InvalidArgument(request.error)
     return request
 
 
@@ -78,20 +95,37 @@ def optional_seed(request) -> int | None:
 
 
 def input_tokens(message: pb.Input, settings: ServeSettings, what: str = "prompt") -> list[int]:
-    """The token ids of an Input (text or ids), within the prompt limit."""
+    """The token ids of an Input (text or ids), within the prompt limit.
+
+    The length is checked before any token list is built: a text has at least one token (a
+    UTF-8 byte) per character, exactly one when it is ASCII, so an oversized text is refused
+    before it is encoded. (A message too large for any valid prompt never gets here: see
+    `lenient`.)
+    """
+    limit = settings.max_prompt_tokens
     kind = message.WhichOneof("kind")
     if kind == "text":
-        tokens = tokenizer.encode(message.text)
+        text = message.text
+        if len(text) > limit:
+            _too_long(what, len(text) if text.isascii() else f"at least {len(text)}", limit)
+        tokens = tokenizer.encode(text)
     elif kind == "tokens":
-        tokens = list(message.tokens.ids)
+        ids = message.tokens.ids
+        if len(ids) > limit:
+            _too_long(what, len(ids), limit)
+        tokens = list(ids)
         bad = next((t for t in tokens if t >= tokenizer.VOCAB_SIZE), None)
         if bad is not None:
             raise InvalidArgument(f"{what} token id {bad} is out of range: ids are 0-{tokenizer.VOCAB_SIZE - 1}")
     else:
         tokens = []
-    if len(tokens) > settings.max_prompt_tokens:
-        raise InvalidArgument(f"{what} has {len(tokens)} tokens; the limit is {settings.max_prompt_tokens}: split it into several feeds")
+    if len(tokens) > limit:
+        _too_long(what, len(tokens), limit)
     return tokens
+
+
+def _too_long(what: str, tokens: int | str, limit: int) -> NoReturn:
+    raise InvalidArgument(f"{what} has {tokens} tokens; the limit is {limit}: split it into several feeds")
 
 
 def sampling(message: pb.SamplingOptions) -> SamplingParams:
@@ -107,14 +141,16 @@ def sampling(message: pb.SamplingOptions) -> SamplingParams:
     return params
 
 
-def generate_spec(max_tokens: int, options: pb.SamplingOptions, stop, settings: ServeSettings, principal: Principal) -> GenerateSpec:
+def generate_spec(request: pb.GenerateRequest | pb.GenerateTokensRequest, settings: ServeSettings, principal: Principal) -> GenerateSpec:
+    """The generation part of a Generate request or a stream's generate command."""
+    max_tokens = request.max_tokens
     limit = min(settings.max_new_tokens, principal.max_tokens_per_request or settings.max_new_tokens)
     if max_tokens > limit:
         raise InvalidArgument(f"max_tokens {max_tokens} is above this server's limit of {limit}; ask for at most {limit}")
-    stop = tuple(stop)
+    stop = tuple(request.stop)
     if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_LENGTH for s in stop):
         raise InvalidArgument(f"stop takes at most {MAX_STOP_SEQUENCES} non-empty sequences of at most {MAX_STOP_LENGTH} characters")
-    return GenerateSpec(max_tokens or limit, sampling(options), stop)
+    return GenerateSpec(max_tokens or limit, sampling(request.sampling), stop, request.ignore_eos)
 
 
 def stream_commands(requests: AsyncIterator[pb.StreamRequest], settings: ServeSettings, principal: Principal) -> AsyncIterator[Command]:
@@ -140,8 +176,7 @@ def stream_command(request: pb.StreamRequest | Malformed, settings: ServeSetting
             raise InvalidArgument(f"top_logprobs is at most {MAX_TOP_LOGPROBS}, got {feed.top_logprobs}")
         return Feed(rid, tokens, feed.return_logprobs, feed.top_logprobs)
     if kind == "generate":
-        g = request.generate
-        return Generate(rid, generate_spec(g.max_tokens, g.sampling, g.stop, settings, principal))
+        return Generate(rid, generate_spec(request.generate, settings, principal))
     if kind == "cancel":
         return Cancel(rid, request.cancel.target_request_id)
     raise InvalidArgument("a stream request needs one of open, feed, generate or cancel")

@@ -65,9 +65,10 @@ class ServerProcess:
     models_dir: Path | None = None
     keys: dict[str, str] = field(default_factory=dict)  # API key name -> key
     credentials: grpc.ChannelCredentials | None = None  # for a TLS server's health checks
+    launcher: list[str] = field(default_factory=lambda: [sys.executable, "-m", "server.cli"])  # the command before `serve`
 
     def start(self, timeout: float = 60) -> ServerProcess:
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *self.args]
+        cmd = [*self.launcher, "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
         bound = threading.Event()
@@ -132,9 +133,14 @@ def start_server(models_dir) -> Iterator:
     """Start servers with extra flags; every one is stopped at the end of the test."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, models: Path | None = None, credentials=None) -> ServerProcess:
+    def start(
+        *args: str, env: dict[str, str] | None = None, models: Path | None = None, credentials=None, launcher: list[str] | None = None
+    ) -> ServerProcess:
         models = models or models_dir
-        proc = ServerProcess(["--models-dir", str(models), *args], env or {}, models_dir=models, credentials=credentials).start()
+        proc = ServerProcess(["--models-dir", str(models), *args], env or {}, models_dir=models, credentials=credentials)
+        if launcher is not None:
+            proc.launcher = launcher
+        proc.start()
         started.append(proc)
         return proc
 
@@ -143,7 +149,7 @@ def start_server(models_dir) -> Iterator:
         proc.stop()
 
 
-API_KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key", "limited": "limited-key"}
+API_KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key", "limited": "limited-key", "queued": "queued-key"}
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +160,8 @@ def auth_server(models_dir, tmp_path_factory) -> Iterator[ServerProcess]:
         lines.append(f"- name: {name}\n  sha256: {hashlib.sha256(key.encode()).hexdigest()}\n")
         if name == "limited":
             lines.append("  max_sessions: 2\n  max_tokens_per_request: 16\n")
+        elif name == "queued":
+            lines.append("  max_queued_requests: 2\n")
     keys_file.write_text("".join(lines))
     args = ["--models-dir", str(models_dir), "--shutdown-delay", "0", "--api-keys-file", str(keys_file)]
     proc = ServerProcess(args, models_dir=models_dir, keys=dict(API_KEYS)).start()

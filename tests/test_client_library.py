@@ -96,7 +96,7 @@ def test_a_prompt_given_to_generate_is_fed_first(client):
 
 def test_cancel_ends_a_generation_early(client):
     with client.create_session(TINY) as s:
-        stream = s.generate()  # up to the server's limit
+        stream = s.generate(ignore_eos=True)  # up to the server's limit, whatever the random model samples
         for i, _ in enumerate(stream):
             if i == 2:
                 stream.cancel()
@@ -238,7 +238,7 @@ async def test_async_client(server):
             with Client(server.target) as sync:  # same seed and tokens, same text, either client
                 assert tokens == ids(sync.generate("xy", model=TINY, seed=5, max_tokens=6, temperature=0.8))
 
-            stream = await s.generate()
+            stream = await s.generate(ignore_eos=True)
             async for _ in stream:
                 await stream.cancel()
             assert stream.finished.reason == pb.FINISH_REASON_CANCELLED
@@ -265,7 +265,7 @@ async def test_async_client(server):
 
 def test_detach_cancels_open_requests(client):
     with client.create_session(TINY) as s:
-        stream = s.generate()  # up to the server's limit
+        stream = s.generate(ignore_eos=True)  # up to the server's limit, whatever the random model samples
         next(stream)
         s.detach()
         assert stream.wait().reason == pb.FINISH_REASON_CANCELLED
@@ -275,9 +275,40 @@ def test_detach_cancels_open_requests(client):
 
 async def test_async_detach_cancels_open_requests(server):
     async with AsyncClient(server.target) as client, await client.create_session(TINY) as s:
-        stream = await s.generate()
+        stream = await s.generate(ignore_eos=True)
         await anext(stream)
         await s.detach()
         assert (await stream.wait()).reason == pb.FINISH_REASON_CANCELLED
         assert not s.attached and not (await s.refresh()).attached
         assert (await s.feed("a")).finished.position == s.position
+
+
+def test_ignore_eos_generates_past_the_end_token(client):
+    """A generation that ends at <eos> goes on past it with ignore_eos: the same tokens up to
+    and including <eos> (same seed, same tokens), then more, to exactly max_tokens."""
+    eos = {m.name: m for m in client.list_models()}[TINY].eos_token
+    for seed in range(50):
+        ended = client.generate("a", model=TINY, max_tokens=40, seed=seed)
+        tokens = ids(ended)
+        if ended.finished.reason == pb.FINISH_REASON_END_TOKEN:
+            break
+    else:
+        pytest.fail("no seed in 0-49 ends at <eos> within 40 tokens: this test needs one")
+    assert tokens[-1] == eos and len(tokens) < 40
+    past = client.generate("a", model=TINY, max_tokens=40, seed=seed, ignore_eos=True)
+    longer = ids(past)
+    assert longer[: len(tokens)] == tokens
+    assert past.finished.reason == pb.FINISH_REASON_LENGTH and past.finished.generated_tokens == len(longer) == 40
+    with client.create_session(TINY, seed=seed) as s:  # a session's Stream call carries it too
+        assert ids(s.generate("a", max_tokens=40, ignore_eos=True)) == longer
+    for seed in range(8):  # whatever the seed: exactly max_tokens
+        assert client.generate(model=TINY, max_tokens=30, seed=seed, ignore_eos=True).wait().generated_tokens == 30
+
+
+async def test_async_ignore_eos(server):
+    async with AsyncClient(server.target) as client:
+        for seed in range(8):  # some of these end at <eos> without ignore_eos
+            assert (await client.generate(model=TINY, max_tokens=30, seed=seed, ignore_eos=True).wait()).generated_tokens == 30
+            async with await client.create_session(TINY, seed=seed) as s:
+                finished = await (await s.generate(max_tokens=30, ignore_eos=True)).wait()
+                assert (finished.reason, finished.generated_tokens) == (pb.FINISH_REASON_LENGTH, 30)

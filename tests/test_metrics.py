@@ -28,7 +28,7 @@ DASHBOARD = ROOT / "deploy/grafana/dashboards/lstm-serve.json"
 
 def tool(name: str) -> str:
     path = shutil.which(name) or shutil.which(name, path="/usr/bin:/usr/sbin:/bin")
-    assert path, f"{name} is missing: install Debian's prometheus package (.ci/run does)"
+    assert path, f"{name} is missing: install Debian's prometheus package (make test does)"
     return path
 
 

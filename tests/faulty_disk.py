@@ -1,0 +1,46 @@
+"""`lstm-serve` with a fault-injecting log segment file: `python -m tests.faulty_disk serve ...`.
+
+While the file named by $FAULTY_DISK exists, its content (`OPERATION ERRNO`, e.g. `fsync EIO`
+or `write EROFS`) makes every such call on a log segment fail with that error, as a dying disk
+or a file system remounted read-only would. tmpfs cannot do this (its fsync never fails, and a
+read-only remount of an open log fails with EBUSY), so the real server runs with this file
+object in place of `server.journal.SegmentFile`; everything else is the real thing.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from pathlib import Path
+
+from server import journal
+from server.cli import main
+
+TRIGGER = Path(os.environ["FAULTY_DISK"])
+
+
+def _inject(operation: str) -> None:
+    try:
+        wanted, name = TRIGGER.read_text().split()
+    except (FileNotFoundError, ValueError):
+        return
+    if wanted == operation:
+        code = getattr(errno, name)
+        raise OSError(code, os.strerror(code))
+
+
+class FaultySegmentFile(journal.SegmentFile):
+    def write(self, data: bytes) -> None:
+        _inject("write")
+        super().write(data)
+
+    def fsync(self) -> None:
+        _inject("fsync")
+        super().fsync()
+
+
+journal.SegmentFile = FaultySegmentFile
+
+if __name__ == "__main__":
+    sys.exit(main())
