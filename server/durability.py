@@ -207,10 +207,8 @@ class Durability:
             ) from e
 
     def _unlink_snapshot(self, session: Session) -> None:
-        path = self._snap_path(session)
-        if path.exists():
-            path.unlink()
-            fsync_directory(self.sessions_dir)
+        self._snap_path(session).unlink(missing_ok=True)
+        fsync_directory(self.sessions_dir)  # also when `end` removed it: the removal must be on disk
 
     # ---- snapshots ---------------------------------------------------------------------------
 
