@@ -2,6 +2,7 @@
 
     python bench/soak.py                                   # 500 sessions, 10 minutes
     python bench/soak.py --duration 60 --sessions 100      # a quick check
+    python bench/soak.py --duration 0                      # only the cost of `log` durability
 
 It starts `lstm-serve serve` itself, with a short --session-ttl so that expiry really happens,
 and runs one asyncio worker per session slot. Each worker loops: create a session (some with
@@ -283,7 +284,14 @@ def durability_cost(models_dir: Path, args: argparse.Namespace) -> dict:
 
 
 def print_report(report: dict) -> None:
-    soak = report["soak"]
+    if (soak := report.get("soak")) is not None:
+        print_soak(soak)
+    if (d := report.get("durability")) is not None:
+        print(f"\ndurability: {d['tokens_per_s']['none']:,.1f} tok/s with none, {d['tokens_per_s']['log']:,.1f} with log: "
+              f"{d['lost']:.1%} lost (target < 10%)")
+
+
+def print_soak(soak: dict) -> None:
     keys = ["minute", "rss_mb", "sessions", "tokens_per_s", "itl_p50_ms", "itl_p99_ms", "created", "deleted", "expired"]
     print(table(keys, [["-" if r[k] is None else r[k] for k in keys] for r in soak["minutes"]]))
     s = soak["summary"]
@@ -293,14 +301,11 @@ def print_report(report: dict) -> None:
     for code, message in s["unexpected_error_messages"].items():
         print(f"  first {code}: {message}")
     print(f"inter-token p99 per minute: {s['itl_p99_min_ms']} .. {s['itl_p99_max_ms']} ms (max/min {s['itl_p99_max_over_min']})")
-    if (d := report.get("durability")) is not None:
-        print(f"\ndurability: {d['tokens_per_s']['none']:,.1f} tok/s with none, {d['tokens_per_s']['log']:,.1f} with log: "
-              f"{d['lost']:.1%} lost (target < 10%)")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=600.0, help="measured seconds of churn (after the warm-up)")
+    parser.add_argument("--duration", type=float, default=600.0, help="measured seconds of churn after the warm-up (0: skip the soak)")
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds of churn before measuring")
     parser.add_argument("--sessions", type=int, default=500, help="concurrent session slots (workers)")
     parser.add_argument("--ttl", type=float, default=8.0, help="the server's --session-ttl, seconds")
@@ -319,6 +324,18 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def soak(models_dir: Path, args: argparse.Namespace) -> dict:
+    """The churn itself against one server: per-minute rows, their summary and the RSS samples."""
+    server = Server.start(models_dir, args.threads, ["--session-ttl", str(args.ttl)])
+    print(f"soak: {args.sessions} sessions, {args.warmup:g} s warm-up + {args.duration:g} s", file=sys.stderr)
+    try:
+        stats = asyncio.run(churn(server, args))
+    finally:
+        stop(server.proc)
+    rows = minutes_table(stats, args.duration)
+    return {"minutes": rows, "summary": summary(stats, rows, args.duration), "samples": stats.samples}
+
+
 def main() -> None:
     args = parse_args()
     report = {"machine": machine(), "settings": vars(args) | {"out": str(args.out)}}
@@ -326,14 +343,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models_dir = Path(tmp)
         (models_dir / f"{args.model}.safetensors").write_bytes((ROOT / f"models/{args.model}.safetensors").read_bytes())
-        server = Server.start(models_dir, args.threads, ["--session-ttl", str(args.ttl)])
-        print(f"soak: {args.sessions} sessions, {args.warmup:g} s warm-up + {args.duration:g} s", file=sys.stderr)
-        try:
-            stats = asyncio.run(churn(server, args))
-        finally:
-            stop(server.proc)
-        rows = minutes_table(stats, args.duration)
-        report["soak"] = {"minutes": rows, "summary": summary(stats, rows, args.duration), "samples": stats.samples}
+        if args.duration > 0:
+            report["soak"] = soak(models_dir, args)
         if args.bench_duration > 0:
             report["durability"] = durability_cost(models_dir, args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 While the file named by $FAULTY_DISK exists, its content (`OPERATION ERRNO`, e.g. `fsync EIO`
 or `write EROFS`) makes every such call on a log segment fail with that error, as a dying disk
-or a file system remounted read-only would. tmpfs cannot do this (its fsync never fails, and a
+or a file system remounted read-only would; `OPERATION sleep SECONDS` makes it that slow. tmpfs cannot do this (its fsync never fails, and a
 read-only remount of an open log fails with EBUSY), so the real server runs with this file
 object in place of `server.journal.SegmentFile`; everything else is the real thing.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from pathlib import Path
 
 from server import journal
@@ -22,12 +23,16 @@ TRIGGER = Path(os.environ["FAULTY_DISK"])
 
 def _inject(operation: str) -> None:
     try:
-        wanted, name = TRIGGER.read_text().split()
+        wanted, name, *seconds = TRIGGER.read_text().split()
     except (FileNotFoundError, ValueError):
         return
-    if wanted == operation:
-        code = getattr(errno, name)
-        raise OSError(code, os.strerror(code))
+    if wanted != operation:
+        return
+    if name == "sleep":
+        time.sleep(float(seconds[0]))
+        return
+    code = getattr(errno, name)
+    raise OSError(code, os.strerror(code))
 
 
 class FaultySegmentFile(journal.SegmentFile):
