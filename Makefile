@@ -5,7 +5,7 @@ BIN = $(VENV)/bin
 # The exact command that generated the committed stubs; tests/test_proto_stubs.py runs it too.
 PROTOC = $(BIN)/python -m grpc_tools.protoc -Iclient=proto --python_out=. --pyi_out=. --grpc_python_out=.
 
-.PHONY: setup test-deps test test-fast test-docker proto train-default gpu-wheels demo clean
+.PHONY: setup test-deps test lint format test-fast test-docker proto train-default gpu-wheels demo clean
 
 setup: $(BIN)/lstm-serve
 
@@ -23,8 +23,17 @@ demo: setup
 test-deps:
 	bash scripts/test-deps.sh
 
-test: setup test-deps
+test: setup test-deps lint
 	$(BIN)/python -m pytest -q
+
+# One formatter and linter for all (configured in pyproject.toml); `make format` applies both.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

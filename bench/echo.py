@@ -32,13 +32,19 @@ class EchoServicer(pb_grpc.LstmServeServiceServicer):
         async for request in requests:
             kind = request.WhichOneof("kind")
             if kind == "open":
-                yield pb.StreamResponse(request_id=request.request_id, opened=pb.Session(id="e" * 32, position=position))
+                yield pb.StreamResponse(
+                    request_id=request.request_id, opened=pb.Session(id="e" * 32, position=position)
+                )
             elif kind == "generate":
                 for _ in range(request.generate.max_tokens):
                     position += 1
                     token = pb.Token(id=101, text="e", logprob=-1.2345678, position=position)
                     yield pb.StreamResponse(request_id=request.request_id, token=token)
-                finished = pb.Finished(reason=pb.FINISH_REASON_LENGTH, generated_tokens=request.generate.max_tokens, position=position)
+                finished = pb.Finished(
+                    reason=pb.FINISH_REASON_LENGTH,
+                    generated_tokens=request.generate.max_tokens,
+                    position=position,
+                )
                 yield pb.StreamResponse(request_id=request.request_id, finished=finished)
 
 
@@ -64,7 +70,9 @@ async def stream_worker(stub, deadline: float, max_tokens: int, counts: list[int
     n = 0
     while time.perf_counter() < deadline:
         n += 1
-        await queue.put(pb.StreamRequest(request_id=str(n), generate=pb.GenerateTokensRequest(max_tokens=max_tokens)))
+        await queue.put(
+            pb.StreamRequest(request_id=str(n), generate=pb.GenerateTokensRequest(max_tokens=max_tokens))
+        )
         while True:
             response = await call.read()
             if response.HasField("finished"):
@@ -79,13 +87,22 @@ async def load(target: str, sessions: int, duration: float, max_tokens: int) -> 
         stub = pb_grpc.LstmServeServiceStub(channel)
         counts = [0]
         start = time.perf_counter()
-        await asyncio.gather(*(stream_worker(stub, start + duration, max_tokens, counts) for _ in range(sessions)))
+        await asyncio.gather(
+            *(stream_worker(stub, start + duration, max_tokens, counts) for _ in range(sessions))
+        )
         elapsed = time.perf_counter() - start
-    return {"sessions": sessions, "duration_s": elapsed, "tokens": counts[0], "tokens_per_s": counts[0] / elapsed}
+    return {
+        "sessions": sessions,
+        "duration_s": elapsed,
+        "tokens": counts[0],
+        "tokens_per_s": counts[0] / elapsed,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     modes = parser.add_subparsers(dest="mode", required=True)
     s = modes.add_parser("server")
     s.add_argument("--port", type=int, default=0)

@@ -166,7 +166,9 @@ class Baseline(nn.Module):
         return self.head(out[:, 0])
 
 
-def scattered_batch(cfg: ModelConfig, batch: int, device: str) -> tuple[StatePool, torch.Tensor, torch.Tensor]:
+def scattered_batch(
+    cfg: ModelConfig, batch: int, device: str
+) -> tuple[StatePool, torch.Tensor, torch.Tensor]:
     """A full pool of max(batch, 2) sessions, and (seeded) tokens [B] and slots [B] scattered over it, on CPU."""
     torch.manual_seed(0)
     pool = StatePool(cfg, device, initial_slots=max(batch, 2), max_slots=max(batch, 2))
@@ -289,7 +291,9 @@ def targets(rows: list[dict]) -> list[dict]:
     out = []
 
     def check(name: str, value: float, goal: float, higher: bool) -> None:
-        out.append({"target": name, "value": value, "goal": goal, "met": value >= goal if higher else value <= goal})
+        out.append(
+            {"target": name, "value": value, "goal": goal, "met": value >= goal if higher else value <= goal}
+        )
 
     if (512, 1, "ours") in t:
         check("B=1 H=512 µs per step", t[512, 1, "ours"]["median_us"], 6.0, higher=False)
@@ -298,7 +302,9 @@ def targets(rows: list[dict]) -> list[dict]:
             continue
         for base, goal in (("cuDNN LSTM graphed", 2.0), ("LSTMCell eager", 5.0)):
             if (h, b, base) in t:
-                check(f"H={h} B={b} speedup vs {base}", t[h, b, base]["median_us"] / r["median_us"], goal, True)
+                check(
+                    f"H={h} B={b} speedup vs {base}", t[h, b, base]["median_us"] / r["median_us"], goal, True
+                )
     if (1024, 64, "ours") in t:
         check("B=64 H=1024 fraction of copy bandwidth", t[1024, 64, "ours"]["bw_frac"], 0.70, True)
     if (1024, 1024, "ours") in t:
@@ -326,7 +332,9 @@ def main() -> None:
         result = cpu_bench(args)
     else:
         result = gpu_bench(args)
-    result.update(torch=torch.__version__, python=platform.python_version(), args=vars(args) | {"out": str(args.out)})
+    result.update(
+        torch=torch.__version__, python=platform.python_version(), args=vars(args) | {"out": str(args.out)}
+    )
     write_json(args.out, result)
     print(f"wrote {args.out}")
 

@@ -68,7 +68,9 @@ class Compiled:
     seconds: float
 
 
-def layer_source(cell: str, layer: int, layers: int, hidden: int, dtype: torch.dtype, cfg: KernelConfig) -> ASTSource:
+def layer_source(
+    cell: str, layer: int, layers: int, hidden: int, dtype: torch.dtype, cfg: KernelConfig
+) -> ASTSource:
     w = "*" + TYPES[dtype]
     sig = {"tok_ptr": "*i64", "slot_ptr": "*i64", "table_ptr": "*fp32", "x_ptr": w, "w_ptr": w,
            "bias_ptr": "*fp32", "h_ptr": "*fp32", "c_ptr": "*fp32", "parity_ptr": "*i32", "out_ptr": w,
@@ -161,14 +163,20 @@ def describe(config: KernelConfig) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--arch", type=int, choices=sorted(SHARED_LIMIT), default=90, help="compute capability x10: 90 H100, 80 A100"
+        "--arch",
+        type=int,
+        choices=sorted(SHARED_LIMIT),
+        default=90,
+        help="compute capability x10: 90 H100, 80 A100",
     )
     p.add_argument("--hidden", type=int, nargs="+", default=[512, 1024])
     p.add_argument("--cell", choices=["lstm", "rnn"], default="lstm")
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--config", type=parse_config, nargs="+", default=CANDIDATES,
                    help="tile configs as block_b,block_h,block_k[,block_v,num_warps,num_stages]")  # fmt: skip
-    p.add_argument("--plan", action="store_true", help="the configs of the default tile plan for the cell and dtype")
+    p.add_argument(
+        "--plan", action="store_true", help="the configs of the default tile plan for the cell and dtype"
+    )
     p.add_argument("--out", type=Path, default=Path("bench/results/kernel_compile.json"))
     args = p.parse_args()
     dtype = {v: k for k, v in TYPES.items()}[args.dtype]

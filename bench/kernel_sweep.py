@@ -82,7 +82,10 @@ def sweep(args: argparse.Namespace) -> dict:
                     row["error"] = f"{type(e).__name__}: {e}"
                 else:
                     reference = reference or after
-                    row |= {"agrees": all(torch.equal(a, b) for a, b in zip(after, reference)), **summary(times)}
+                    row |= {
+                        "agrees": all(torch.equal(a, b) for a, b in zip(after, reference)),
+                        **summary(times),
+                    }
                     if bandwidth:
                         row["bw_frac"] = step_bytes(cfg, batch, 2) / row["median_us"] / 1e3 / bandwidth
                 result["rows"].append(row)

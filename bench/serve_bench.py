@@ -40,10 +40,22 @@ LISTENING = re.compile(r"listening on (\S+):(\d+)")
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-        "grpc": grpc.__version__, "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpc": grpc.__version__,
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 
 
@@ -97,10 +109,29 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def serve(models_dir: Path, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    proc, target = start([str(BIN / "lstm-serve"), "serve", "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", "0",
-                          "--metrics-port", "0", "--shutdown-delay", "0", "--threads", str(threads), *extra])
+    proc, target = start(
+        [
+            str(BIN / "lstm-serve"),
+            "serve",
+            "--models-dir",
+            str(models_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--shutdown-delay",
+            "0",
+            "--threads",
+            str(threads),
+            *extra,
+        ]
+    )
     deadline = time.monotonic() + 120
-    while subprocess.run([str(BIN / "lstm-client"), "--target", target, "--timeout", "5", "health"], capture_output=True).returncode:
+    while subprocess.run(
+        [str(BIN / "lstm-client"), "--target", target, "--timeout", "5", "health"], capture_output=True
+    ).returncode:
         if time.monotonic() > deadline or proc.poll() is not None:
             raise RuntimeError("the server never became SERVING")
         time.sleep(0.2)  # still loading its models
@@ -109,9 +140,27 @@ def serve(models_dir: Path, threads: int, extra: list[str]) -> tuple[subprocess.
 
 def client_bench(target: str, model: str, sessions: int, duration: float, max_tokens: int) -> dict:
     out = subprocess.run(
-        [str(BIN / "lstm-client"), "--target", target, "--json", "bench", "--model", model, "--sessions", str(sessions),
-         "--duration", str(duration), "--max-tokens", str(max_tokens), "--no-progress", "--seed", "1"],
-        capture_output=True, text=True, check=True,
+        [
+            str(BIN / "lstm-client"),
+            "--target",
+            target,
+            "--json",
+            "bench",
+            "--model",
+            model,
+            "--sessions",
+            str(sessions),
+            "--duration",
+            str(duration),
+            "--max-tokens",
+            str(max_tokens),
+            "--no-progress",
+            "--seed",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return json.loads(out.stdout)
 
@@ -123,8 +172,24 @@ def transport_limit(batch_sizes: list[int], duration: float, max_tokens: int) ->
     try:
         limits = {}
         for n in batch_sizes:
-            out = subprocess.run([sys.executable, echo, "client", "--target", target, "--sessions", str(n), "--duration", str(duration),
-                                  "--max-tokens", str(max_tokens)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    echo,
+                    "client",
+                    "--target",
+                    target,
+                    "--sessions",
+                    str(n),
+                    "--duration",
+                    str(duration),
+                    "--max-tokens",
+                    str(max_tokens),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             limits[n] = json.loads(out.stdout)["tokens_per_s"]
         return limits
     finally:
@@ -140,12 +205,16 @@ def table(headers: list[str], rows: list[list]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--models", nargs="+", default=["default", "h1024x2"])
     parser.add_argument("--sessions", nargs="+", type=int, default=[1, 8, 64, 256])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per generate request")
-    parser.add_argument("--threads", type=int, default=2, help="the server's (and the step limit's) torch threads")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="the server's (and the step limit's) torch threads"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_bench.json")
     args = parser.parse_args()
     report = {"machine": machine(), "settings": vars(args) | {"out": str(args.out)}, "models": {}}
@@ -156,16 +225,25 @@ def main() -> None:
         for name, path in prepare_models(Path(tmp), args.models).items():
             limit = step_limit(path, args.sessions, args.threads)
             rows = {}
-            for batching, extra in (("batched", ["--max-batch-size", str(max(args.sessions))]), ("unbatched", ["--max-batch-size", "1"])):
+            for batching, extra in (
+                ("batched", ["--max-batch-size", str(max(args.sessions))]),
+                ("unbatched", ["--max-batch-size", "1"]),
+            ):
                 proc, target = serve(path.parent, args.threads, extra)
                 try:
                     counts = args.sessions if batching == "batched" else [n for n in args.sessions if n <= 64]
                     for n in counts:
                         print(f"{name}: {batching}, {n} sessions", file=sys.stderr)
-                        rows.setdefault(n, {})[batching] = client_bench(target, name, n, args.duration, args.max_tokens)
+                        rows.setdefault(n, {})[batching] = client_bench(
+                            target, name, n, args.duration, args.max_tokens
+                        )
                 finally:
                     stop(proc)
-            report["models"][name] = {"step_limit_tokens_per_s": limit, "transport_limit_tokens_per_s": transport, "runs": rows}
+            report["models"][name] = {
+                "step_limit_tokens_per_s": limit,
+                "transport_limit_tokens_per_s": transport,
+                "runs": rows,
+            }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print_report(report)
@@ -173,8 +251,20 @@ def main() -> None:
 
 
 def print_report(report: dict) -> None:
-    headers = ["model", "sessions", "e2e tok/s", "(a) model tok/s", "(b) transport tok/s", "e2e/min(a,b)",
-               "(c) unbatched tok/s", "e2e/(c)", "TTFT p50 ms", "ITL p50 ms", "ITL p99 ms", "p99/p50"]
+    headers = [
+        "model",
+        "sessions",
+        "e2e tok/s",
+        "(a) model tok/s",
+        "(b) transport tok/s",
+        "e2e/min(a,b)",
+        "(c) unbatched tok/s",
+        "e2e/(c)",
+        "TTFT p50 ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "p99/p50",
+    ]
     rows = []
     for name, m in report["models"].items():
         for n, runs in m["runs"].items():
@@ -182,11 +272,22 @@ def print_report(report: dict) -> None:
             a, b = m["step_limit_tokens_per_s"][n], m["transport_limit_tokens_per_s"][n]
             unbatched = runs.get("unbatched", {}).get("tokens_per_s")
             itl = e2e["itl_ms"]
-            rows.append([
-                name, n, e2e["tokens_per_s"], a, b, f"{e2e['tokens_per_s'] / min(a, b):.0%}",
-                unbatched if unbatched is not None else "-", f"{e2e['tokens_per_s'] / unbatched:.1f}x" if unbatched else "-",
-                e2e["ttft_ms"]["p50"], itl["p50"], itl["p99"], f"{itl['p99'] / itl['p50']:.2f}" if itl["p50"] else "-",
-            ])
+            rows.append(
+                [
+                    name,
+                    n,
+                    e2e["tokens_per_s"],
+                    a,
+                    b,
+                    f"{e2e['tokens_per_s'] / min(a, b):.0%}",
+                    unbatched if unbatched is not None else "-",
+                    f"{e2e['tokens_per_s'] / unbatched:.1f}x" if unbatched else "-",
+                    e2e["ttft_ms"]["p50"],
+                    itl["p50"],
+                    itl["p99"],
+                    f"{itl['p99'] / itl['p50']:.2f}" if itl["p50"] else "-",
+                ]
+            )
     print(table(headers, rows))
 
 

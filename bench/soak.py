@@ -68,8 +68,23 @@ class Server:
     @classmethod
     def start(cls, models_dir: Path, threads: int, extra: list[str]) -> Server:
         """Start it and wait until its health is SERVING (models loaded)."""
-        cmd = [str(BIN / "lstm-serve"), "serve", "--models-dir", str(models_dir), "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "0", "--shutdown-delay", "0", "--threads", str(threads), *extra]
+        cmd = [
+            str(BIN / "lstm-serve"),
+            "serve",
+            "--models-dir",
+            str(models_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--shutdown-delay",
+            "0",
+            "--threads",
+            str(threads),
+            *extra,
+        ]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         for line in proc.stdout:
             if match := LISTENING.search(line):
@@ -85,7 +100,10 @@ class Server:
             check = health_pb2_grpc.HealthStub(channel).Check
             while time.monotonic() < deadline:
                 with contextlib.suppress(grpc.RpcError):
-                    if check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING:
+                    if (
+                        check(health_pb2.HealthCheckRequest(), timeout=5).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    ):
                         return
                 time.sleep(0.1)
         raise RuntimeError(f"lstm-serve never became SERVING:\n{''.join(self.tail)}")
@@ -114,7 +132,9 @@ class Stats:
     start: float
     end: float
     itl: defaultdict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
-    events: Counter[tuple[int, str]] = field(default_factory=Counter)  # (minute, created/deleted/expired/tokens)
+    events: Counter[tuple[int, str]] = field(
+        default_factory=Counter
+    )  # (minute, created/deleted/expired/tokens)
     errors: Counter[tuple[str, bool]] = field(default_factory=Counter)  # (status, expected)
     messages: dict[str, str] = field(default_factory=dict)  # status -> the first unexpected error's message
     samples: list[dict] = field(default_factory=list)  # {t, rss_mb, sessions}
@@ -141,7 +161,9 @@ class Stats:
 class Worker:
     """One session slot: create, generate and idle a few rounds, then delete or let it expire."""
 
-    def __init__(self, client: AsyncClient, stats: Stats, args: argparse.Namespace, rng: random.Random, deadline: float) -> None:
+    def __init__(
+        self, client: AsyncClient, stats: Stats, args: argparse.Namespace, rng: random.Random, deadline: float
+    ) -> None:
         self.client, self.stats, self.args, self.rng, self.deadline = client, stats, args, rng, deadline
 
     async def run(self) -> None:
@@ -166,7 +188,10 @@ class Worker:
         except LstmServeError:
             await self.discard(session)
             raise
-        if self.rng.random() < self.args.expire_share and time.monotonic() + ttl + EXPIRY_SLACK < self.deadline:
+        if (
+            self.rng.random() < self.args.expire_share
+            and time.monotonic() + ttl + EXPIRY_SLACK < self.deadline
+        ):
             await self.let_expire(session, ttl)
         else:
             await session.delete()
@@ -212,7 +237,13 @@ async def sample(server: Server, stats: Stats, every: float) -> None:
     while time.monotonic() < stats.end:
         if stats.measuring():
             sessions = await asyncio.to_thread(server.live_sessions)
-            stats.samples.append({"t": round(time.monotonic() - stats.start, 1), "rss_mb": round(server.rss_mb(), 2), "sessions": sessions})
+            stats.samples.append(
+                {
+                    "t": round(time.monotonic() - stats.start, 1),
+                    "rss_mb": round(server.rss_mb(), 2),
+                    "sessions": sessions,
+                }
+            )
         await asyncio.sleep(every)
 
 
@@ -221,7 +252,10 @@ async def churn(server: Server, args: argparse.Namespace) -> Stats:
     stats = Stats(start, start + args.duration)
     rng = random.Random(args.seed)
     async with AsyncClient(server.target) as client:
-        workers = [Worker(client, stats, args, random.Random(rng.random()), stats.end).run() for _ in range(args.sessions)]
+        workers = [
+            Worker(client, stats, args, random.Random(rng.random()), stats.end).run()
+            for _ in range(args.sessions)
+        ]
         await asyncio.gather(sample(server, stats, args.sample_every), *workers)
     return stats
 
@@ -236,14 +270,17 @@ def minutes_table(stats: Stats, duration: float) -> list[dict]:
         seconds = min(60.0, duration - 60 * m)
         samples = [s for s in stats.samples if int(s["t"] // 60) == m]
         itl = stats.itl.get(m, [])
-        rows.append({
-            "minute": m + 1, "rss_mb": round(sum(s["rss_mb"] for s in samples) / len(samples), 2),
-            "sessions": round(sum(s["sessions"] for s in samples) / len(samples)),
-            "tokens_per_s": round(stats.events[m, "tokens"] / seconds, 1),
-            "itl_p50_ms": round(percentile(itl, 50) * 1000, 2) if itl else None,
-            "itl_p99_ms": round(percentile(itl, 99) * 1000, 2) if itl else None,
-            **{e: stats.events[m, e] for e in ("created", "deleted", "expired")},
-        })
+        rows.append(
+            {
+                "minute": m + 1,
+                "rss_mb": round(sum(s["rss_mb"] for s in samples) / len(samples), 2),
+                "sessions": round(sum(s["sessions"] for s in samples) / len(samples)),
+                "tokens_per_s": round(stats.events[m, "tokens"] / seconds, 1),
+                "itl_p50_ms": round(percentile(itl, 50) * 1000, 2) if itl else None,
+                "itl_p99_ms": round(percentile(itl, 99) * 1000, 2) if itl else None,
+                **{e: stats.events[m, e] for e in ("created", "deleted", "expired")},
+            }
+        )
     return rows
 
 
@@ -255,13 +292,19 @@ def summary(stats: Stats, rows: list[dict], duration: float) -> dict:
     first_mb, last_mb = sum(first) / len(first), sum(last) / len(last)
     p99s = [r["itl_p99_ms"] for r in rows if r["itl_p99_ms"] is not None]
     return {
-        "rss_window_s": window, "rss_first_mb": round(first_mb, 2), "rss_last_mb": round(last_mb, 2),
+        "rss_window_s": window,
+        "rss_first_mb": round(first_mb, 2),
+        "rss_last_mb": round(last_mb, 2),
         "rss_growth": round(last_mb / first_mb - 1, 4),
         "unexpected_errors": sum(n for (_, expected), n in stats.errors.items() if not expected),
         "expected_errors": sum(n for (_, expected), n in stats.errors.items() if expected),
-        "errors": {f"{code} ({'expected' if expected else 'unexpected'})": n for (code, expected), n in sorted(stats.errors.items())},
+        "errors": {
+            f"{code} ({'expected' if expected else 'unexpected'})": n
+            for (code, expected), n in sorted(stats.errors.items())
+        },
         "unexpected_error_messages": stats.messages,
-        "itl_p99_min_ms": min(p99s, default=None), "itl_p99_max_ms": max(p99s, default=None),
+        "itl_p99_min_ms": min(p99s, default=None),
+        "itl_p99_max_ms": max(p99s, default=None),
         "itl_p99_max_over_min": round(max(p99s) / min(p99s), 2) if p99s else None,
     }
 
@@ -274,51 +317,100 @@ def durability_cost(models_dir: Path, args: argparse.Namespace) -> dict:
         runs: dict[str, list[dict]] = {"none": [], "log": []}
         try:
             for mode in ("none", "log", "log", "none"):
-                print(f"durability {mode}: {args.bench_sessions} sessions, {args.bench_duration:g} s", file=sys.stderr)
-                runs[mode].append(client_bench(servers[mode].target, args.model, args.bench_sessions, args.bench_duration, args.bench_max_tokens))
+                print(
+                    f"durability {mode}: {args.bench_sessions} sessions, {args.bench_duration:g} s",
+                    file=sys.stderr,
+                )
+                runs[mode].append(
+                    client_bench(
+                        servers[mode].target,
+                        args.model,
+                        args.bench_sessions,
+                        args.bench_duration,
+                        args.bench_max_tokens,
+                    )
+                )
         finally:
             for server in servers.values():
                 stop(server.proc)
     tokens_per_s = {mode: sum(r["tokens_per_s"] for r in rs) / len(rs) for mode, rs in runs.items()}
-    return {"runs": runs, "tokens_per_s": tokens_per_s, "lost": round(1 - tokens_per_s["log"] / tokens_per_s["none"], 4)}
+    return {
+        "runs": runs,
+        "tokens_per_s": tokens_per_s,
+        "lost": round(1 - tokens_per_s["log"] / tokens_per_s["none"], 4),
+    }
 
 
 def print_report(report: dict) -> None:
     if (soak := report.get("soak")) is not None:
         print_soak(soak)
     if (d := report.get("durability")) is not None:
-        print(f"\ndurability: {d['tokens_per_s']['none']:,.1f} tok/s with none, {d['tokens_per_s']['log']:,.1f} with log: "
-              f"{d['lost']:.1%} lost (target < 10%)")
+        print(
+            f"\ndurability: {d['tokens_per_s']['none']:,.1f} tok/s with none, {d['tokens_per_s']['log']:,.1f} with log: "
+            f"{d['lost']:.1%} lost (target < 10%)"
+        )
 
 
 def print_soak(soak: dict) -> None:
-    keys = ["minute", "rss_mb", "sessions", "tokens_per_s", "itl_p50_ms", "itl_p99_ms", "created", "deleted", "expired"]
+    keys = [
+        "minute",
+        "rss_mb",
+        "sessions",
+        "tokens_per_s",
+        "itl_p50_ms",
+        "itl_p99_ms",
+        "created",
+        "deleted",
+        "expired",
+    ]
     print(table(keys, [["-" if r[k] is None else r[k] for k in keys] for r in soak["minutes"]]))
     s = soak["summary"]
-    print(f"\nRSS {s['rss_first_mb']:.1f} MB (first {s['rss_window_s']:g} s) -> {s['rss_last_mb']:.1f} MB (last {s['rss_window_s']:g} s): "
-          f"{s['rss_growth']:+.1%} (target < 5%)")
-    print(f"errors: {s['unexpected_errors']} unexpected (target 0), {s['expected_errors']} expected; {s['errors'] or 'none'}")
+    print(
+        f"\nRSS {s['rss_first_mb']:.1f} MB (first {s['rss_window_s']:g} s) -> {s['rss_last_mb']:.1f} MB (last {s['rss_window_s']:g} s): "
+        f"{s['rss_growth']:+.1%} (target < 5%)"
+    )
+    print(
+        f"errors: {s['unexpected_errors']} unexpected (target 0), {s['expected_errors']} expected; {s['errors'] or 'none'}"
+    )
     for code, message in s["unexpected_error_messages"].items():
         print(f"  first {code}: {message}")
-    print(f"inter-token p99 per minute: {s['itl_p99_min_ms']} .. {s['itl_p99_max_ms']} ms (max/min {s['itl_p99_max_over_min']})")
+    print(
+        f"inter-token p99 per minute: {s['itl_p99_min_ms']} .. {s['itl_p99_max_ms']} ms (max/min {s['itl_p99_max_over_min']})"
+    )
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=float, default=600.0, help="measured seconds of churn after the warm-up (0: skip the soak)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=600.0,
+        help="measured seconds of churn after the warm-up (0: skip the soak)",
+    )
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds of churn before measuring")
     parser.add_argument("--sessions", type=int, default=500, help="concurrent session slots (workers)")
     parser.add_argument("--ttl", type=float, default=8.0, help="the server's --session-ttl, seconds")
     parser.add_argument("--short-ttl", type=float, default=3.0, help="the TTL some sessions ask for")
-    parser.add_argument("--short-ttl-share", type=float, default=0.3, help="share of sessions created with --short-ttl")
-    parser.add_argument("--expire-share", type=float, default=0.4, help="share of sessions left to expire (the rest are deleted)")
+    parser.add_argument(
+        "--short-ttl-share", type=float, default=0.3, help="share of sessions created with --short-ttl"
+    )
+    parser.add_argument(
+        "--expire-share",
+        type=float,
+        default=0.4,
+        help="share of sessions left to expire (the rest are deleted)",
+    )
     parser.add_argument("--max-tokens", type=int, default=16, help="tokens per generation")
     parser.add_argument("--sample-every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--model", default="default")
     parser.add_argument("--threads", type=int, default=2, help="the server's torch threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bench-sessions", type=int, default=64, help="durability benchmark: sessions")
-    parser.add_argument("--bench-duration", type=float, default=20.0, help="durability benchmark: seconds per run (0: skip)")
+    parser.add_argument(
+        "--bench-duration", type=float, default=20.0, help="durability benchmark: seconds per run (0: skip)"
+    )
     parser.add_argument("--bench-max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/soak.json")
     return parser.parse_args()
@@ -342,7 +434,9 @@ def main() -> None:
     print("machine:", json.dumps(report["machine"]), file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         models_dir = Path(tmp)
-        (models_dir / f"{args.model}.safetensors").write_bytes((ROOT / f"models/{args.model}.safetensors").read_bytes())
+        (models_dir / f"{args.model}.safetensors").write_bytes(
+            (ROOT / f"models/{args.model}.safetensors").read_bytes()
+        )
         if args.duration > 0:
             report["soak"] = soak(models_dir, args)
         if args.bench_duration > 0:

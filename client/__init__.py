@@ -41,8 +41,8 @@ if TYPE_CHECKING:  # the names, for type checkers (re-exported)
     from client.errors import SessionClosedError as SessionClosedError
     from client.errors import SessionDataLostError as SessionDataLostError
     from client.errors import StatusError as StatusError
-    from client.messages import Finished as Finished
     from client.history import ResumeResult as ResumeResult
+    from client.messages import Finished as Finished
     from client.messages import FinishReason as FinishReason
     from client.messages import ModelInfo as ModelInfo
     from client.messages import SessionInfo as SessionInfo

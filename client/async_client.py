@@ -43,11 +43,18 @@ class AsyncClient:
         return list((await self._call(self.stub.ListModels, pb.ListModelsRequest())).models)
 
     async def create_session(
-        self, model: str, *, model_version: str = "", seed: int | None = None, ttl: float | None = None,
+        self,
+        model: str,
+        *,
+        model_version: str = "",
+        seed: int | None = None,
+        ttl: float | None = None,
         keep: bool = False,
     ) -> AsyncSession:
         """A new session (position 1). `ttl` in seconds; `keep`: `AsyncSession.close()` leaves it."""
-        request = pb.CreateSessionRequest(model=model, model_version=model_version, seed=seed, ttl=make_duration(ttl))
+        request = pb.CreateSessionRequest(
+            model=model, model_version=model_version, seed=seed, ttl=make_duration(ttl)
+        )
         return AsyncSession(self, (await self._call(self.stub.CreateSession, request)).session, keep=keep)
 
     def session(self, session_id: str, *, keep: bool = True) -> AsyncSession:
@@ -72,7 +79,9 @@ class AsyncClient:
 
     async def reset_session(self, session_id: str) -> SessionInfo:
         """Back to the state of a new session (position 1), same seed."""
-        return (await self._call(self.stub.ResetSession, pb.ResetSessionRequest(session_id=session_id))).session
+        return (
+            await self._call(self.stub.ResetSession, pb.ResetSessionRequest(session_id=session_id))
+        ).session
 
     async def fork_session(
         self, session_id: str, *, seed: int | None = None, ttl: float | None = None, keep: bool = False
@@ -83,17 +92,32 @@ class AsyncClient:
 
     async def export_session(self, session_id: str) -> bytes:
         """The session as a self-checking blob."""
-        return (await self._call(self.stub.ExportSession, pb.ExportSessionRequest(session_id=session_id))).blob
+        return (
+            await self._call(self.stub.ExportSession, pb.ExportSessionRequest(session_id=session_id))
+        ).blob
 
-    async def import_session(self, blob: bytes, *, ttl: float | None = None, keep: bool = False) -> AsyncSession:
+    async def import_session(
+        self, blob: bytes, *, ttl: float | None = None, keep: bool = False
+    ) -> AsyncSession:
         """A new session from an exported blob."""
         request = pb.ImportSessionRequest(blob=blob, ttl=make_duration(ttl))
         return AsyncSession(self, (await self._call(self.stub.ImportSession, request)).session, keep=keep)
 
     def generate(
-        self, prompt: Prompt = "", *, model: str = "", model_version: str = "", session_id: str = "",
-        max_tokens: int = 0, temperature: float | None = None, top_k: int = 0, top_p: float | None = None,
-        stop: Sequence[str] = (), seed: int | None = None, takeover: bool = False, ignore_eos: bool = False,
+        self,
+        prompt: Prompt = "",
+        *,
+        model: str = "",
+        model_version: str = "",
+        session_id: str = "",
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_k: int = 0,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        takeover: bool = False,
+        ignore_eos: bool = False,
     ) -> AsyncTokenStream:
         """Feed `prompt`, then generate; `async for` over the result gets tokens as they arrive.
 
@@ -101,11 +125,22 @@ class AsyncClient:
         `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop.
         """
         request = generate_request(
-            prompt, model=model, model_version=model_version, session_id=session_id, max_tokens=max_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed, takeover=takeover,
+            prompt,
+            model=model,
+            model_version=model_version,
+            session_id=session_id,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            takeover=takeover,
             ignore_eos=ignore_eos,
         )
-        call = self.stub.Generate(request, metadata=self.options.metadata(), timeout=self.options.stream_timeout)
+        call = self.stub.Generate(
+            request, metadata=self.options.metadata(), timeout=self.options.stream_timeout
+        )
 
         async def cancel() -> None:
             call.cancel()

@@ -39,7 +39,11 @@ class _AsyncAttachment:
         self._queues["open"] = asyncio.Queue()
         self._reader = asyncio.create_task(self._read())
         try:
-            await self._write(pb.StreamRequest(request_id="open", open=pb.OpenStream(session_id=session_id, takeover=takeover)))
+            await self._write(
+                pb.StreamRequest(
+                    request_id="open", open=pb.OpenStream(session_id=session_id, takeover=takeover)
+                )
+            )
             return (await self._next("open")).opened
         except BaseException:
             await self.close(grace=0)
@@ -93,7 +97,9 @@ class _AsyncAttachment:
 
     async def cancel(self, request_id: str) -> None:
         if not self.ended:
-            await self.send(pb.StreamRequest(cancel=pb.CancelRequest(target_request_id=request_id)), answered=False)
+            await self.send(
+                pb.StreamRequest(cancel=pb.CancelRequest(target_request_id=request_id)), answered=False
+            )
 
     async def _next(self, request_id: str) -> pb.StreamResponse:
         response = await self._queues[request_id].get()
@@ -187,30 +193,49 @@ class AsyncSession(SessionHandle):
         assert self._attachment is not None
         return self._attachment
 
-    async def feed(self, prompt: Prompt, *, return_logprobs: bool = False, top_logprobs: int = 0) -> AsyncTokenStream:
+    async def feed(
+        self, prompt: Prompt, *, return_logprobs: bool = False, top_logprobs: int = 0
+    ) -> AsyncTokenStream:
         """Absorb `prompt`; returns once done, with a token per fed token if `return_logprobs`."""
         attachment = await self._attached()
-        feed = pb.FeedRequest(input=make_input(prompt), return_logprobs=return_logprobs, top_logprobs=top_logprobs)
+        feed = pb.FeedRequest(
+            input=make_input(prompt), return_logprobs=return_logprobs, top_logprobs=top_logprobs
+        )
         request_id = await attachment.send(pb.StreamRequest(feed=feed))
-        fed = AsyncTokenStream(attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id)
+        fed = AsyncTokenStream(
+            attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id
+        )
         await fed.wait()
         return fed
 
     async def generate(
-        self, prompt: Prompt = "", *, max_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
-        top_p: float | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
+        self,
+        prompt: Prompt = "",
+        *,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_k: int = 0,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
     ) -> AsyncTokenStream:
         """Feed `prompt` (if any), then generate; `async for` over the result gets tokens as they arrive.
         `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop."""
         attachment = await self._attached()
         if prompt:
-            await attachment.send(pb.StreamRequest(feed=pb.FeedRequest(input=make_input(prompt))), answered=False)
+            await attachment.send(
+                pb.StreamRequest(feed=pb.FeedRequest(input=make_input(prompt))), answered=False
+            )
         generate = pb.GenerateTokensRequest(
-            max_tokens=max_tokens, sampling=make_sampling(temperature, top_k, top_p), stop=list(stop),
+            max_tokens=max_tokens,
+            sampling=make_sampling(temperature, top_k, top_p),
+            stop=list(stop),
             ignore_eos=ignore_eos,
         )
         request_id = await attachment.send(pb.StreamRequest(generate=generate))
-        return AsyncTokenStream(attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id)
+        return AsyncTokenStream(
+            attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id
+        )
 
     async def refresh(self) -> SessionInfo:
         """The server's view of the session now."""
@@ -222,7 +247,9 @@ class AsyncSession(SessionHandle):
         self._history.restart(self.info)
         return self.info
 
-    async def fork(self, *, seed: int | None = None, ttl: float | None = None, keep: bool = False) -> AsyncSession:
+    async def fork(
+        self, *, seed: int | None = None, ttl: float | None = None, keep: bool = False
+    ) -> AsyncSession:
         """A new session with a copy of this one's state (and seed, unless given)."""
         return await self.client.fork_session(self.id, seed=seed, ttl=ttl, keep=keep)
 

@@ -134,7 +134,12 @@ class _Run:
             c = self.config
             last = time.perf_counter()
             stream = await session.generate(
-                c.prompt, max_tokens=claim, temperature=c.temperature, top_k=c.top_k, top_p=c.top_p, ignore_eos=c.ignore_eos
+                c.prompt,
+                max_tokens=claim,
+                temperature=c.temperature,
+                top_k=c.top_k,
+                top_p=c.top_p,
+                ignore_eos=c.ignore_eos,
             )
             async for _ in stream:
                 now = time.perf_counter()
@@ -156,12 +161,21 @@ class _Run:
         tokens = self.config.tokens  # the bar counts tokens if there is a budget, else seconds
         total: float = tokens if tokens is not None else round(self.deadline - start, 1)
         time_format = "{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}{postfix}]"
-        with tqdm(total=total, unit="tok", file=sys.stderr, dynamic_ncols=True, leave=False,
-                  bar_format=None if tokens is not None else time_format) as bar:
+        with tqdm(
+            total=total,
+            unit="tok",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+            bar_format=None if tokens is not None else time_format,
+        ) as bar:
             while True:
                 elapsed = time.perf_counter() - start
                 bar.n = min(self.result.tokens if tokens is not None else round(elapsed, 1), total)
-                bar.set_postfix(tok_s=f"{self.result.tokens / max(elapsed, 1e-9):.0f}", errors=sum(self.result.errors.values()))
+                bar.set_postfix(
+                    tok_s=f"{self.result.tokens / max(elapsed, 1e-9):.0f}",
+                    errors=sum(self.result.errors.values()),
+                )
                 await asyncio.sleep(0.25)
 
 
@@ -192,7 +206,9 @@ def report(result: BenchResult) -> str:
     )
     latency = table(
         ("latency (ms)", *(f"p{q}" for q in PERCENTILES)),
-        [(name, *("-" if v is None else f"{v:.2f}" for v in d[key].values()))
-         for name, key in (("time to first token", "ttft_ms"), ("inter-token", "itl_ms"))],
+        [
+            (name, *("-" if v is None else f"{v:.2f}" for v in d[key].values()))
+            for name, key in (("time to first token", "ttft_ms"), ("inter-token", "itl_ms"))
+        ],
     )
     return f"{summary}\n\n{latency}"

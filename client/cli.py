@@ -46,34 +46,110 @@ def add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> No
         return value if defaults else argparse.SUPPRESS
 
     g = parser.add_argument_group("connection and output")
-    g.add_argument("--target", metavar="HOST:PORT", default=default(os.environ.get("LSTM_CLIENT_TARGET", DEFAULT_TARGET)), help=f"server address, host:port (default: {DEFAULT_TARGET})")
-    g.add_argument("--api-key", metavar="KEY", default=default(os.environ.get("LSTM_CLIENT_API_KEY")), help="API key, sent as 'authorization: Bearer KEY'")
-    g.add_argument("--tls", action="store_true", default=default(False), help="connect with TLS (system roots unless --ca-cert)")
-    g.add_argument("--ca-cert", type=Path, default=default(None), metavar="FILE", help="PEM CA certificate to trust (implies --tls)")
-    g.add_argument("--tls-server-name", default=default(None), metavar="NAME", help="name the server's certificate must carry, if not the target's host")
-    g.add_argument("--client-cert", type=Path, default=default(None), metavar="FILE", help="PEM client certificate, for servers that require one (implies --tls)")
-    g.add_argument("--client-key", type=Path, default=default(None), metavar="FILE", help="PEM private key of --client-cert")
-    g.add_argument("--timeout", type=float, default=default(None), metavar="SECONDS", help="deadline of each call (default: 30 for unary calls, none for streams)")
-    g.add_argument("--json", action="store_true", default=default(False), help="print JSON (one object per line for streams)")
+    g.add_argument(
+        "--target",
+        metavar="HOST:PORT",
+        default=default(os.environ.get("LSTM_CLIENT_TARGET", DEFAULT_TARGET)),
+        help=f"server address, host:port (default: {DEFAULT_TARGET})",
+    )
+    g.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=default(os.environ.get("LSTM_CLIENT_API_KEY")),
+        help="API key, sent as 'authorization: Bearer KEY'",
+    )
+    g.add_argument(
+        "--tls",
+        action="store_true",
+        default=default(False),
+        help="connect with TLS (system roots unless --ca-cert)",
+    )
+    g.add_argument(
+        "--ca-cert",
+        type=Path,
+        default=default(None),
+        metavar="FILE",
+        help="PEM CA certificate to trust (implies --tls)",
+    )
+    g.add_argument(
+        "--tls-server-name",
+        default=default(None),
+        metavar="NAME",
+        help="name the server's certificate must carry, if not the target's host",
+    )
+    g.add_argument(
+        "--client-cert",
+        type=Path,
+        default=default(None),
+        metavar="FILE",
+        help="PEM client certificate, for servers that require one (implies --tls)",
+    )
+    g.add_argument(
+        "--client-key",
+        type=Path,
+        default=default(None),
+        metavar="FILE",
+        help="PEM private key of --client-cert",
+    )
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=default(None),
+        metavar="SECONDS",
+        help="deadline of each call (default: 30 for unary calls, none for streams)",
+    )
+    g.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="print JSON (one object per line for streams)",
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--model", metavar="NAME", help="model name (default: the only one served, or 'default')")
-    p.add_argument("--model-version", default="", metavar="VERSION", help="model version (default: the newest loaded)")
-    p.add_argument("--max-tokens", type=int, metavar="N", default=max_tokens, help="tokens to generate (0: the server's limit; default: %(default)s)")
-    p.add_argument("--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy (default: 1)")
-    p.add_argument("--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (0: off)")
-    p.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1] (default: 1, off)")
+    p.add_argument(
+        "--model-version", default="", metavar="VERSION", help="model version (default: the newest loaded)"
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        metavar="N",
+        default=max_tokens,
+        help="tokens to generate (0: the server's limit; default: %(default)s)",
+    )
+    p.add_argument(
+        "--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy (default: 1)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (0: off)"
+    )
+    p.add_argument(
+        "--top-p", type=float, metavar="P", help="nucleus sampling mass in (0, 1] (default: 1, off)"
+    )
     p.add_argument("--seed", type=int, metavar="N", help="a new session's sampling seed (default: random)")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop once the text ends with TEXT (repeatable)")
-    p.add_argument("--ignore-eos", action="store_true", help="generate past <eos> (absorbed like any token) up to --max-tokens or a --stop")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop once the text ends with TEXT (repeatable)",
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="generate past <eos> (absorbed like any token) up to --max-tokens or a --stop",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     add_global_options(common, defaults=False)
     parser = argparse.ArgumentParser(
-        prog="lstm-client", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="lstm-client",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_global_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -82,10 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
         return subparsers.add_parser(name, help=help, description=help, parents=[common])
 
     p = command(commands, "generate", "stream generated text to stdout as tokens arrive")
-    p.add_argument("prompt", nargs="?", default="", metavar="PROMPT", help="text fed before generating ('-': read stdin)")
+    p.add_argument(
+        "prompt", nargs="?", default="", metavar="PROMPT", help="text fed before generating ('-': read stdin)"
+    )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--session", metavar="ID", help="continue this session (default: a temporary one)")
-    which.add_argument("--new-session", action="store_true", help="create a session, keep it and print its id on stderr")
+    which.add_argument(
+        "--new-session", action="store_true", help="create a session, keep it and print its id on stderr"
+    )
     p.add_argument("--takeover", action="store_true", help="take the session over from a stream driving it")
     add_sampling_options(p, max_tokens=200)
     p.set_defaults(run=c.generate)
@@ -97,15 +177,22 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_options(p, max_tokens=200)
     p.set_defaults(run=c.chat)
 
-    sessions = command(commands, "sessions", "manage sessions").add_subparsers(dest="action", required=True, metavar="ACTION")
+    sessions = command(commands, "sessions", "manage sessions").add_subparsers(
+        dest="action", required=True, metavar="ACTION"
+    )
     p = command(sessions, "create", "create a session; prints its id")
     p.add_argument("--model", metavar="NAME", help="model name (default: the only one served, or 'default')")
     p.add_argument("--model-version", default="", metavar="VERSION")
     p.add_argument("--seed", type=int, metavar="N", help="sampling seed (default: random)")
-    p.add_argument("--ttl", type=float, metavar="SECONDS", help="idle time before it expires (default: the server's)")
+    p.add_argument(
+        "--ttl", type=float, metavar="SECONDS", help="idle time before it expires (default: the server's)"
+    )
     p.set_defaults(run=c.sessions_create)
     command(sessions, "list", "list your sessions").set_defaults(run=c.sessions_list)
-    for name, help, run in (("show", "show a session", c.sessions_show), ("reset", "reset a session to position 1", c.sessions_reset)):
+    for name, help, run in (
+        ("show", "show a session", c.sessions_show),
+        ("reset", "reset a session to position 1", c.sessions_reset),
+    ):
         p = command(sessions, name, help)
         p.add_argument("session_id", metavar="ID")
         p.set_defaults(run=run)
@@ -132,8 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=c.health)
 
     p = command(commands, "bench", "load test: concurrent sessions streaming generation")
-    p.add_argument("--sessions", type=int, default=8, metavar="N", help="concurrent sessions (default: %(default)s)")
-    p.add_argument("--duration", type=float, metavar="SECONDS", help="how long to run (default: 10 unless --tokens)")
+    p.add_argument(
+        "--sessions", type=int, default=8, metavar="N", help="concurrent sessions (default: %(default)s)"
+    )
+    p.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="how long to run (default: 10 unless --tokens)"
+    )
     p.add_argument("--tokens", type=int, metavar="N", help="stop after N generated tokens in all")
     p.add_argument("--prompt", default="", help="text fed before each generation request")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

@@ -15,7 +15,15 @@ from typing import Any
 from client.bench import BenchConfig, report, run_bench
 from client.messages import SessionInfo
 from client.options import ClientOptions
-from client.render import finished_dict, key_values, model_dict, models_table, session_dict, sessions_table, token_dict
+from client.render import (
+    finished_dict,
+    key_values,
+    model_dict,
+    models_table,
+    session_dict,
+    sessions_table,
+    token_dict,
+)
 from client.sync_client import Client
 from client.token_stream import TokenStream
 
@@ -32,7 +40,11 @@ class UsageError(Exception):
 
 
 def client_options(args: argparse.Namespace) -> ClientOptions:
-    fields: dict[str, object] = {"api_key": args.api_key, "tls": args.tls, "tls_server_name": args.tls_server_name}
+    fields: dict[str, object] = {
+        "api_key": args.api_key,
+        "tls": args.tls,
+        "tls_server_name": args.tls_server_name,
+    }
     for name in ("ca_cert", "client_cert", "client_key"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name).read_bytes()
@@ -73,7 +85,12 @@ def print_stream(stream: TokenStream, as_json: bool) -> None:
             sys.stdout.write(token.text)
             sys.stdout.flush()
     if as_json:
-        emit({"finished": finished_dict(stream.finished) if stream.finished else None, "session_id": stream.session_id})
+        emit(
+            {
+                "finished": finished_dict(stream.finished) if stream.finished else None,
+                "session_id": stream.session_id,
+            }
+        )
     elif not stream.text.endswith("\n"):
         sys.stdout.write("\n")
         sys.stdout.flush()
@@ -81,8 +98,12 @@ def print_stream(stream: TokenStream, as_json: bool) -> None:
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {
-        "max_tokens": args.max_tokens, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-        "stop": args.stop, "ignore_eos": args.ignore_eos,
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "stop": args.stop,
+        "ignore_eos": args.ignore_eos,
     }
 
 
@@ -95,11 +116,18 @@ def generate(args: argparse.Namespace) -> int:
         if not session_id:
             model = resolve_model(client, args.model)
         if args.new_session:
-            session_id = client.create_session(model, model_version=args.model_version, seed=args.seed, keep=True).id
+            session_id = client.create_session(
+                model, model_version=args.model_version, seed=args.seed, keep=True
+            ).id
             print(session_id, file=sys.stderr, flush=True)
         stream = client.generate(
-            prompt, model=model, model_version=args.model_version, session_id=session_id,
-            seed=None if session_id else args.seed, takeover=args.takeover, **sampling(args),
+            prompt,
+            model=model,
+            model_version=args.model_version,
+            session_id=session_id,
+            seed=None if session_id else args.seed,
+            takeover=args.takeover,
+            **sampling(args),
         )
         print_stream(stream, args.json)
     return EXIT_OK
@@ -124,7 +152,9 @@ def chat(args: argparse.Namespace) -> int:
             session = client.session(args.session)
         else:
             model = resolve_model(client, args.model)
-            session = client.create_session(model, model_version=args.model_version, seed=args.seed, keep=args.keep)
+            session = client.create_session(
+                model, model_version=args.model_version, seed=args.seed, keep=args.keep
+            )
         with session:
             session.attach(takeover=args.takeover)
             if session.keep:
@@ -143,6 +173,7 @@ def chat(args: argparse.Namespace) -> int:
 @contextlib.contextmanager
 def _sigint_cancels(stream: TokenStream) -> Iterator[None]:
     """While inside, the first Ctrl-C cancels `stream` (which then finishes); a second one interrupts."""
+
     def on_sigint(signum: int, frame: object) -> None:
         signal.signal(signal.SIGINT, previous)
         stream.cancel()
@@ -164,7 +195,9 @@ def _print_session(info: SessionInfo, as_json: bool, *, id_only: bool) -> None:
 def sessions_create(args: argparse.Namespace) -> int:
     with connect(args) as client:
         model = resolve_model(client, args.model)
-        session = client.create_session(model, model_version=args.model_version, seed=args.seed, ttl=args.ttl, keep=True)
+        session = client.create_session(
+            model, model_version=args.model_version, seed=args.seed, ttl=args.ttl, keep=True
+        )
     assert session.info is not None
     _print_session(session.info, args.json, id_only=True)
     return EXIT_OK
@@ -247,7 +280,6 @@ def health(args: argparse.Namespace) -> int:
     return EXIT_OK if status == "SERVING" else EXIT_NOT_SERVING
 
 
-
 def bench(args: argparse.Namespace) -> int:
     """Exit 0 once the load ran with at least one request done (errors are in the report)."""
     if args.sessions < 1 or args.max_tokens < 1:
@@ -256,9 +288,18 @@ def bench(args: argparse.Namespace) -> int:
     with Client(args.target, options) as client:
         model = resolve_model(client, args.model)
     config = BenchConfig(
-        model=model, sessions=args.sessions, duration=args.duration, tokens=args.tokens, max_tokens=args.max_tokens,
-        prompt=args.prompt, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        ignore_eos=args.ignore_eos, progress=args.progress,
+        model=model,
+        sessions=args.sessions,
+        duration=args.duration,
+        tokens=args.tokens,
+        max_tokens=args.max_tokens,
+        prompt=args.prompt,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        progress=args.progress,
     )
     result = asyncio.run(run_bench(args.target, options, config))
     if args.json:

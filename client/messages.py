@@ -50,12 +50,29 @@ def finish_reason_name(reason: int) -> str:
 
 
 def generate_request(
-    prompt: Prompt, *, model: str, model_version: str, session_id: str, max_tokens: int,
-    temperature: float | None, top_k: int, top_p: float | None, stop: Sequence[str], seed: int | None, takeover: bool,
+    prompt: Prompt,
+    *,
+    model: str,
+    model_version: str,
+    session_id: str,
+    max_tokens: int,
+    temperature: float | None,
+    top_k: int,
+    top_p: float | None,
+    stop: Sequence[str],
+    seed: int | None,
+    takeover: bool,
     ignore_eos: bool,
 ) -> pb.GenerateRequest:
     return pb.GenerateRequest(
-        session_id=session_id, model=model, model_version=model_version,
-        prompt=make_input(prompt) if prompt else None, sampling=make_sampling(temperature, top_k, top_p),
-        max_tokens=max_tokens, stop=list(stop), seed=seed, takeover=takeover, ignore_eos=ignore_eos,
+        session_id=session_id,
+        model=model,
+        model_version=model_version,
+        prompt=make_input(prompt) if prompt else None,
+        sampling=make_sampling(temperature, top_k, top_p),
+        max_tokens=max_tokens,
+        stop=list(stop),
+        seed=seed,
+        takeover=takeover,
+        ignore_eos=ignore_eos,
     )

@@ -22,7 +22,14 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 # ForkSession and ImportSession (each would leave another session behind), Generate and
 # Stream (they advance a session's state). DeleteSession is idempotent in effect, but a
 # retry after a delete the server did apply reports NOT_FOUND.
-IDEMPOTENT_METHODS = ("ListModels", "GetSession", "ListSessions", "ExportSession", "DeleteSession", "ResetSession")
+IDEMPOTENT_METHODS = (
+    "ListModels",
+    "GetSession",
+    "ListSessions",
+    "ExportSession",
+    "DeleteSession",
+    "ResetSession",
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +72,9 @@ class ClientOptions:
     def credentials(self) -> grpc.ChannelCredentials:
         """TLS channel credentials (only for a secure channel)."""
         return grpc.ssl_channel_credentials(
-            root_certificates=_pem(self.ca_cert), private_key=_pem(self.client_key), certificate_chain=_pem(self.client_cert)
+            root_certificates=_pem(self.ca_cert),
+            private_key=_pem(self.client_key),
+            certificate_chain=_pem(self.client_cert),
         )
 
     def channel_args(self) -> list[tuple[str, Any]]:

@@ -68,13 +68,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """Columns padded to their widest cell."""
     cells = [list(map(str, headers))] + [[str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
 
 
 def sessions_table(sessions: Sequence[SessionInfo]) -> str:
     headers = ("ID", "MODEL", "POSITION", "LOCATION", "ATTACHED", "EXPIRES")
     rows = [
-        (d["id"], d["model"], d["position"], d["location"], "yes" if d["attached"] else "no", d["expires_at"] or "-")
+        (
+            d["id"],
+            d["model"],
+            d["position"],
+            d["location"],
+            "yes" if d["attached"] else "no",
+            d["expires_at"] or "-",
+        )
         for d in map(session_dict, sessions)
     ]
     return table(headers, rows)
@@ -83,8 +92,17 @@ def sessions_table(sessions: Sequence[SessionInfo]) -> str:
 def models_table(models: Sequence[ModelInfo]) -> str:
     headers = ("NAME", "VERSION", "CELL", "LAYERS", "HIDDEN", "VOCAB", "BACKEND", "DEVICE", "BITS/BYTE")
     rows = [
-        (d["name"], d["version"][:12], d["cell"], d["layers"], d["hidden"], d["vocab_size"], d["backend"],
-         d["device"], f"{d['heldout_bits_per_byte']:.3f}" if d["heldout_bits_per_byte"] else "-")
+        (
+            d["name"],
+            d["version"][:12],
+            d["cell"],
+            d["layers"],
+            d["hidden"],
+            d["vocab_size"],
+            d["backend"],
+            d["device"],
+            f"{d['heldout_bits_per_byte']:.3f}" if d["heldout_bits_per_byte"] else "-",
+        )
         for d in map(model_dict, models)
     ]
     return table(headers, rows)

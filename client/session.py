@@ -27,7 +27,9 @@ _CLOSE = object()
 class _Attachment:
     """One Stream call: requests go out through a queue; responses are routed by request id."""
 
-    def __init__(self, call_stream: Callable[..., grpc.Call], session_id: str, takeover: bool, history: TokenHistory) -> None:
+    def __init__(
+        self, call_stream: Callable[..., grpc.Call], session_id: str, takeover: bool, history: TokenHistory
+    ) -> None:
         self._requests: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._buffers: dict[str, deque[pb.StreamResponse]] = {"open": deque()}
         self._ids = itertools.count(1)
@@ -35,7 +37,9 @@ class _Attachment:
         self._error: LstmServeError | None = None
         self._closed = False
         self._history = history  # sees every request sent and every event received
-        self._requests.put(pb.StreamRequest(request_id="open", open=pb.OpenStream(session_id=session_id, takeover=takeover)))
+        self._requests.put(
+            pb.StreamRequest(request_id="open", open=pb.OpenStream(session_id=session_id, takeover=takeover))
+        )
         self._call = call_stream(self._outgoing())
         try:
             self.opened: SessionInfo = self._next("open").opened
@@ -188,15 +192,24 @@ class Session(SessionHandle):
     def feed(self, prompt: Prompt, *, return_logprobs: bool = False, top_logprobs: int = 0) -> TokenStream:
         """Absorb `prompt`; returns once done, with a token per fed token if `return_logprobs`."""
         attachment = self._attached()
-        feed = pb.FeedRequest(input=make_input(prompt), return_logprobs=return_logprobs, top_logprobs=top_logprobs)
+        feed = pb.FeedRequest(
+            input=make_input(prompt), return_logprobs=return_logprobs, top_logprobs=top_logprobs
+        )
         request_id = attachment.send(pb.StreamRequest(feed=feed))
         fed = TokenStream(attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id)
         fed.wait()
         return fed
 
     def generate(
-        self, prompt: Prompt = "", *, max_tokens: int = 0, temperature: float | None = None, top_k: int = 0,
-        top_p: float | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
+        self,
+        prompt: Prompt = "",
+        *,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_k: int = 0,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
     ) -> TokenStream:
         """Feed `prompt` (if any), then generate; iterate the result to get tokens as they arrive.
         `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop."""
@@ -204,7 +217,9 @@ class Session(SessionHandle):
         if prompt:
             attachment.send(pb.StreamRequest(feed=pb.FeedRequest(input=make_input(prompt))), answered=False)
         generate = pb.GenerateTokensRequest(
-            max_tokens=max_tokens, sampling=make_sampling(temperature, top_k, top_p), stop=list(stop),
+            max_tokens=max_tokens,
+            sampling=make_sampling(temperature, top_k, top_p),
+            stop=list(stop),
             ignore_eos=ignore_eos,
         )
         request_id = attachment.send(pb.StreamRequest(generate=generate))

@@ -43,11 +43,18 @@ class Client:
         return list(self._call(self.stub.ListModels, pb.ListModelsRequest()).models)
 
     def create_session(
-        self, model: str, *, model_version: str = "", seed: int | None = None, ttl: float | None = None,
+        self,
+        model: str,
+        *,
+        model_version: str = "",
+        seed: int | None = None,
+        ttl: float | None = None,
         keep: bool = False,
     ) -> Session:
         """A new session (position 1). `ttl` in seconds; `keep`: `Session.close()` leaves it."""
-        request = pb.CreateSessionRequest(model=model, model_version=model_version, seed=seed, ttl=make_duration(ttl))
+        request = pb.CreateSessionRequest(
+            model=model, model_version=model_version, seed=seed, ttl=make_duration(ttl)
+        )
         return Session(self, self._call(self.stub.CreateSession, request).session, keep=keep)
 
     def session(self, session_id: str, *, keep: bool = True) -> Session:
@@ -91,9 +98,20 @@ class Client:
         return Session(self, self._call(self.stub.ImportSession, request).session, keep=keep)
 
     def generate(
-        self, prompt: Prompt = "", *, model: str = "", model_version: str = "", session_id: str = "",
-        max_tokens: int = 0, temperature: float | None = None, top_k: int = 0, top_p: float | None = None,
-        stop: Sequence[str] = (), seed: int | None = None, takeover: bool = False, ignore_eos: bool = False,
+        self,
+        prompt: Prompt = "",
+        *,
+        model: str = "",
+        model_version: str = "",
+        session_id: str = "",
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        top_k: int = 0,
+        top_p: float | None = None,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+        takeover: bool = False,
+        ignore_eos: bool = False,
     ) -> TokenStream:
         """Feed `prompt`, then generate; iterate the result to get tokens as they arrive.
 
@@ -101,16 +119,29 @@ class Client:
         `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop.
         """
         request = generate_request(
-            prompt, model=model, model_version=model_version, session_id=session_id, max_tokens=max_tokens,
-            temperature=temperature, top_k=top_k, top_p=top_p, stop=stop, seed=seed, takeover=takeover,
+            prompt,
+            model=model,
+            model_version=model_version,
+            session_id=session_id,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop=stop,
+            seed=seed,
+            takeover=takeover,
             ignore_eos=ignore_eos,
         )
-        call = self.stub.Generate(request, metadata=self.options.metadata(), timeout=self.options.stream_timeout)
+        call = self.stub.Generate(
+            request, metadata=self.options.metadata(), timeout=self.options.stream_timeout
+        )
         return TokenStream(call, call.cancel, session_id)
 
     def stream(self, requests: Iterator[pb.StreamRequest]) -> Any:
         """The raw Stream call (bidirectional), as `Session` drives it."""
-        return self.stub.Stream(requests, metadata=self.options.metadata(), timeout=self.options.stream_timeout)
+        return self.stub.Stream(
+            requests, metadata=self.options.metadata(), timeout=self.options.stream_timeout
+        )
 
     def health(self, service: str = "") -> str:
         """The serving status of `service` ("" is the whole server): "SERVING", "NOT_SERVING", ..."""

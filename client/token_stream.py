@@ -54,7 +54,9 @@ class _TokenStreamBase:
 class TokenStream(_TokenStreamBase):
     """Iterate to receive the `Token`s of one request as the server sends them."""
 
-    def __init__(self, responses: Iterator[Response], cancel: Callable[[], object], session_id: str = "") -> None:
+    def __init__(
+        self, responses: Iterator[Response], cancel: Callable[[], object], session_id: str = ""
+    ) -> None:
         super().__init__(session_id)
         self._responses = responses
         self._cancel = cancel
@@ -91,7 +93,10 @@ class AsyncTokenStream(_TokenStreamBase):
     """`async for` over the `Token`s of one request as the server sends them."""
 
     def __init__(
-        self, responses: AsyncIterator[Response], cancel: Callable[[], Awaitable[object]], session_id: str = ""
+        self,
+        responses: AsyncIterator[Response],
+        cancel: Callable[[], Awaitable[object]],
+        session_id: str = "",
     ) -> None:
         super().__init__(session_id)
         self._responses = responses

@@ -37,11 +37,18 @@ class SessionBlob:
 
 def pack(blob: SessionBlob) -> bytes:
     logits = blob.logits.astype("<f4").tobytes()
-    header = json.dumps({
-        "format_version": FORMAT_VERSION, "model": blob.model, "fingerprint": blob.fingerprint,
-        "position": blob.position, "seed": blob.seed, "state_bytes": len(blob.state), "logits_bytes": len(logits),
-        "extra": blob.extra,
-    }).encode()
+    header = json.dumps(
+        {
+            "format_version": FORMAT_VERSION,
+            "model": blob.model,
+            "fingerprint": blob.fingerprint,
+            "position": blob.position,
+            "seed": blob.seed,
+            "state_bytes": len(blob.state),
+            "logits_bytes": len(logits),
+            "extra": blob.extra,
+        }
+    ).encode()
     body = MAGIC + _LENGTH.pack(len(header)) + header + blob.state + logits
     return body + hashlib.sha256(body).digest()
 
@@ -58,17 +65,34 @@ def unpack(data: bytes) -> SessionBlob:
     try:
         header = json.loads(body[start : start + size])
         state_len, logits_len = int(header["state_bytes"]), int(header["logits_bytes"])
-        fields = (str(header["model"]), str(header["fingerprint"]), int(header["position"]), int(header["seed"]))
+        fields = (
+            str(header["model"]),
+            str(header["fingerprint"]),
+            int(header["position"]),
+            int(header["seed"]),
+        )
         version, extra = header["format_version"], dict(header.get("extra", {}))
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:  # e.g. 1e999, or arrays nested too deep
+    except (
+        ValueError,
+        KeyError,
+        TypeError,
+        OverflowError,
+        RecursionError,
+    ) as e:  # e.g. 1e999, or arrays nested too deep
         raise InvalidArgument(f"blob header is invalid: {e}") from e
     if version != FORMAT_VERSION:
-        raise InvalidArgument(f"blob format version {version} is not supported (this server reads {FORMAT_VERSION})")
+        raise InvalidArgument(
+            f"blob format version {version} is not supported (this server reads {FORMAT_VERSION})"
+        )
     if not (0 <= fields[2] <= MAX_POSITION and 0 <= fields[3] < 2**64):
-        raise InvalidArgument(f"blob position {fields[2]} or seed {fields[3]} is out of range (position 0 to 2^62, seed a uint64)")
+        raise InvalidArgument(
+            f"blob position {fields[2]} or seed {fields[3]} is out of range (position 0 to 2^62, seed a uint64)"
+        )
     state_at = start + size
     if state_len < 0 or logits_len < 0 or state_at + state_len + logits_len != len(body) or logits_len % 4:
         raise InvalidArgument("blob sections do not add up to its length")
     state = body[state_at : state_at + state_len]
-    logits = np.frombuffer(body, dtype="<f4", count=logits_len // 4, offset=state_at + state_len).astype(np.float32)
+    logits = np.frombuffer(body, dtype="<f4", count=logits_len // 4, offset=state_at + state_len).astype(
+        np.float32
+    )
     return SessionBlob(*fields, state=state, logits=logits, extra=extra)

@@ -152,7 +152,9 @@ def from_bytes(data: bytes, source: str = "<bytes>", device: torch.device | str 
     model = RecurrentLM(meta.model)
     check_tensors(tensors, model, source)
     if fingerprint(tensors) != meta.fingerprint:
-        raise CheckpointError(f"{source}: the tensors do not match the recorded fingerprint: the file is corrupt")
+        raise CheckpointError(
+            f"{source}: the tensors do not match the recorded fingerprint: the file is corrupt"
+        )
     model.load_state_dict(tensors)
     return Checkpoint(model.to(device).eval(), meta)
 
@@ -184,7 +186,9 @@ def read_header(data: bytes, source: str) -> dict:
         raise CheckpointError(f"{source}: truncated file ({len(data)} bytes): not a safetensors checkpoint")
     size = int.from_bytes(data[:8], "little")
     if size > len(data) - 8:
-        raise CheckpointError(f"{source}: truncated file: header claims {size} bytes, {len(data) - 8} present")
+        raise CheckpointError(
+            f"{source}: truncated file: header claims {size} bytes, {len(data) - 8} present"
+        )
     try:
         header = json.loads(data[8 : 8 + size])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -193,7 +197,9 @@ def read_header(data: bytes, source: str) -> dict:
         raise CheckpointError(f"{source}: corrupt safetensors header: not a JSON object")
     end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     if 8 + size + end > len(data):
-        raise CheckpointError(f"{source}: truncated file: tensor data needs {8 + size + end} bytes, {len(data)} present")
+        raise CheckpointError(
+            f"{source}: truncated file: tensor data needs {8 + size + end} bytes, {len(data)} present"
+        )
     return header
 
 
@@ -209,8 +215,12 @@ def check_tensors(tensors: dict[str, torch.Tensor], model: RecurrentLM, source: 
     for name, shape in expected.items():
         got = tuple(tensors[name].shape)
         if got != shape:
-            raise CheckpointError(f"{source}: tensor {name} has shape {list(got)}, the config needs {list(shape)}")
+            raise CheckpointError(
+                f"{source}: tensor {name} has shape {list(got)}, the config needs {list(shape)}"
+            )
         if not tensors[name].is_floating_point():
-            raise CheckpointError(f"{source}: tensor {name} has dtype {tensors[name].dtype}, expected a float type")
+            raise CheckpointError(
+                f"{source}: tensor {name} has dtype {tensors[name].dtype}, expected a float type"
+            )
         if not torch.isfinite(tensors[name]).all():
             raise CheckpointError(f"{source}: tensor {name} has non-finite values (NaN or inf)")

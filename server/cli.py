@@ -11,8 +11,19 @@ from pydantic import ValidationError
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("train", help="train a model on a text corpus (truncated BPTT)")
-    p.add_argument("--corpus", nargs="*", default=[], metavar="PATH", help="files, directories or globs of text (default: the Python standard library source)")
-    p.add_argument("--out", type=Path, default=Path("models/default.safetensors"), help="best checkpoint; the rest goes to OUT's .train/ folder")
+    p.add_argument(
+        "--corpus",
+        nargs="*",
+        default=[],
+        metavar="PATH",
+        help="files, directories or globs of text (default: the Python standard library source)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("models/default.safetensors"),
+        help="best checkpoint; the rest goes to OUT's .train/ folder",
+    )
     p.add_argument("--cell", choices=["lstm", "rnn"], default="lstm")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--hidden", type=int, default=512)
@@ -23,12 +34,25 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--max-steps", type=int, help="the schedule's length in steps")
-    p.add_argument("--max-minutes", type=float, help="time budget; alone, it sets the schedule's length from measured steps")
-    p.add_argument("--stop-after-steps", type=int, help="stop at this step, leaving a state that --resume continues")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="time budget; alone, it sets the schedule's length from measured steps",
+    )
+    p.add_argument(
+        "--stop-after-steps", type=int, help="stop at this step, leaving a state that --resume continues"
+    )
     p.add_argument("--eval-interval", type=int, default=200)
     p.add_argument("--eval-tokens", type=int, default=262_144)
-    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT's .train/ folder exactly")
-    p.add_argument("--existing", choices=["overwrite", "skip"], default="overwrite", help="when OUT already holds a valid checkpoint: train anyway, or do nothing (default: %(default)s)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue the run saved in OUT's .train/ folder exactly"
+    )
+    p.add_argument(
+        "--existing",
+        choices=["overwrite", "skip"],
+        default="overwrite",
+        help="when OUT already holds a valid checkpoint: train anyway, or do nothing (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -46,7 +70,10 @@ def run_train(args: argparse.Namespace) -> int:
         except checkpoint.CheckpointError as e:
             print(f"lstm-serve: {e}; training a new one", file=sys.stderr)
         else:
-            print(f"lstm-serve: {args.out} exists (version {found.fingerprint[:12]}); nothing to do", file=sys.stderr)
+            print(
+                f"lstm-serve: {args.out} exists (version {found.fingerprint[:12]}); nothing to do",
+                file=sys.stderr,
+            )
             return 0
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     result = train(TrainConfig(**fields))
@@ -82,13 +109,20 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     from server.config import ServeSettings  # pydantic only: cheap
 
     p = commands.add_parser(
-        "serve", help="serve every models/*.safetensors over gRPC",
+        "serve",
+        help="serve every models/*.safetensors over gRPC",
         description="Every flag also reads an LSTM_SERVE_<FLAG> environment variable (flags win).",
     )
     for name, field in ServeSettings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         kind = {int: int, float: float}.get(field.annotation, str)
-        p.add_argument(flag, dest=name, type=kind, default=None, help=f"{field.description or ''} (default: {field.default})".strip())
+        p.add_argument(
+            flag,
+            dest=name,
+            type=kind,
+            default=None,
+            help=f"{field.description or ''} (default: {field.default})".strip(),
+        )
     p.set_defaults(run=run_serve)
 
 
@@ -100,7 +134,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServeSettings(**{k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None})
+    settings = ServeSettings(
+        **{k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
+    )
     asyncio.run(serve(settings))
     return 0
 
@@ -119,9 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         return args.run(args)
     except ImportError as e:
-        print(f"lstm-serve: {e}: the server needs its extra: pip install 'lstm-serve[server]'", file=sys.stderr)
+        print(
+            f"lstm-serve: {e}: the server needs its extra: pip install 'lstm-serve[server]'", file=sys.stderr
+        )
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
+        )
         print(f"lstm-serve: invalid settings: {problems}", file=sys.stderr)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"lstm-serve: {e}", file=sys.stderr)

@@ -16,9 +16,13 @@ class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LSTM_SERVE_", extra="forbid")
 
     models_dir: Path = Path("models")
-    host: str = Field("127.0.0.1", description="address of gRPC and /metrics; 0.0.0.0 (or ::) listens beyond this machine")
+    host: str = Field(
+        "127.0.0.1", description="address of gRPC and /metrics; 0.0.0.0 (or ::) listens beyond this machine"
+    )
     port: int = Field(50051, ge=0, le=65535, description="0 picks a free port; the bound one is printed")
-    metrics_port: int = Field(8000, ge=0, le=65535, description="Prometheus /metrics over HTTP; 0 picks a free port")
+    metrics_port: int = Field(
+        8000, ge=0, le=65535, description="Prometheus /metrics over HTTP; 0 picks a free port"
+    )
     backend: Literal["auto", "torch", "triton"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -33,28 +37,43 @@ class ServeSettings(BaseSettings):
     max_prompt_tokens: int = Field(8192, ge=1)
     max_new_tokens: int = Field(4096, ge=1)
     prefill_chunk: int = Field(
-        64, ge=1, le=MAX_TOKENS_PER_RECORD,
+        64,
+        ge=1,
+        le=MAX_TOKENS_PER_RECORD,
         description="prompt tokens a session feeds before yielding its turn to waiting sessions (one log record)",
     )
     session_ttl: float = Field(600.0, gt=0, description="seconds an idle session lives")
     max_session_ttl: float = Field(7 * 24 * 3600.0, gt=0, description="the longest TTL a client may ask for")
     api_keys_file: Path | None = None
-    tls_cert: Path | None = Field(None, description="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    tls_cert: Path | None = Field(
+        None, description="PEM certificate chain: serve gRPC over TLS (with --tls-key)"
+    )
     tls_key: Path | None = Field(None, description="PEM private key of --tls-cert")
-    tls_client_ca: Path | None = Field(None, description="PEM CA bundle: require client certificates signed by it")
+    tls_client_ca: Path | None = Field(
+        None, description="PEM CA bundle: require client certificates signed by it"
+    )
     state_dir: Path | None = Field(None, description="keep sessions here across restarts and crashes")
     durability: Literal["none", "shutdown", "log"] | None = Field(
-        None, description="none, shutdown (snapshots at a graceful stop) or log (also a write-ahead log); default: log with a state dir"
+        None,
+        description="none, shutdown (snapshots at a graceful stop) or log (also a write-ahead log); default: log with a state dir",
     )
     fsync_interval: float = Field(0.05, gt=0, description="seconds between fsyncs of the write-ahead log")
-    snapshot_interval: float = Field(30.0, gt=0, description="seconds between snapshots that bound the log's replay")
-    shutdown_delay: float = Field(5.0, ge=0, description="seconds of NOT_SERVING health before streams end on SIGTERM")
-    grace_period: float = Field(10.0, ge=0, description="seconds in-flight unary RPCs get to finish at shutdown")
+    snapshot_interval: float = Field(
+        30.0, gt=0, description="seconds between snapshots that bound the log's replay"
+    )
+    shutdown_delay: float = Field(
+        5.0, ge=0, description="seconds of NOT_SERVING health before streams end on SIGTERM"
+    )
+    grace_period: float = Field(
+        10.0, ge=0, description="seconds in-flight unary RPCs get to finish at shutdown"
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ServeSettings:
         if self.max_sessions < self.device_slots:
-            raise ValueError(f"max_sessions ({self.max_sessions}) must be at least device_slots ({self.device_slots})")
+            raise ValueError(
+                f"max_sessions ({self.max_sessions}) must be at least device_slots ({self.device_slots})"
+            )
         if self.session_ttl > self.max_session_ttl:
             raise ValueError("session_ttl must not exceed max_session_ttl")
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -63,7 +63,11 @@ def find_documents(source: str) -> list[Document]:
     if path.is_file():
         return [Document(path.name, path.read_bytes())]
     if path.is_dir():
-        files = [p for p in sorted(path.rglob("*")) if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)]
+        files = [
+            p
+            for p in sorted(path.rglob("*"))
+            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(path).parts)
+        ]
         return [Document(str(p.relative_to(path)), p.read_bytes()) for p in files]
     matches = sorted(Path(m) for m in glob.glob(source, recursive=True) if Path(m).is_file())
     if not matches:

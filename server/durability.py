@@ -61,13 +61,26 @@ class Restored:
 def snapshot_bytes(session: Session, state: bytes | None, now: float) -> bytes:
     """A session's snapshot file contents (the state as of session.state_position)."""
     extra = {
-        "id": session.id, "owner": session.owner, "ttl": session.ttl, "remaining_ttl": max(0.0, session.expires_at - now),
-        "created_at": session.created_at, "history": session.history, "pending": session.pending_replay,
+        "id": session.id,
+        "owner": session.owner,
+        "ttl": session.ttl,
+        "remaining_ttl": max(0.0, session.expires_at - now),
+        "created_at": session.created_at,
+        "history": session.history,
+        "pending": session.pending_replay,
         "life": session.life,
     }
-    return blob.pack(blob.SessionBlob(
-        session.model, session.version, session.state_position, session.seed, state or b"", session.logits, extra,
-    ))
+    return blob.pack(
+        blob.SessionBlob(
+            session.model,
+            session.version,
+            session.state_position,
+            session.seed,
+            state or b"",
+            session.logits,
+            extra,
+        )
+    )
 
 
 class StateDirError(ValueError):
@@ -78,7 +91,9 @@ def open_state_dir(state_dir: Path) -> TextIO:
     """Create (if missing) and lock the state dir, and prove it is writable; returns the lock
     file, which holds the lock while it stays open."""
     if state_dir.exists() and not state_dir.is_dir():
-        raise StateDirError(f"--state-dir {state_dir} is not a directory; give a directory (a missing one is created)")
+        raise StateDirError(
+            f"--state-dir {state_dir} is not a directory; give a directory (a missing one is created)"
+        )
     try:
         (state_dir / "sessions").mkdir(parents=True, exist_ok=True)
         lock = open(state_dir / "lock", "a+")
@@ -107,7 +122,11 @@ def open_state_dir(state_dir: Path) -> TextIO:
 
 class Durability:
     def __init__(
-        self, state_dir: Path | None, mode: str, fsync_interval: float, snapshot_interval: float,
+        self,
+        state_dir: Path | None,
+        mode: str,
+        fsync_interval: float,
+        snapshot_interval: float,
         on_error: Callable[[str, OSError], None] = lambda operation, error: None,
         on_health: Callable[[bool], None] = lambda healthy: None,
     ) -> None:
@@ -120,7 +139,9 @@ class Durability:
         self._marks = threading.Lock()  # a session's life and durable position change together
         self._lock_file = open_state_dir(state_dir) if self.mode != "none" else None
         if self.mode == "log":
-            self.wal = WriteAheadLog(state_dir / "wal", fsync_interval, self._made_durable, self._log_failed, self._log_recovered)
+            self.wal = WriteAheadLog(
+                state_dir / "wal", fsync_interval, self._made_durable, self._log_failed, self._log_recovered
+            )
 
     @property
     def sessions_dir(self) -> Path:
@@ -130,7 +151,9 @@ class Durability:
         return self.sessions_dir / f"{session.id}.snap"
 
     def _log_failed(self, operation: str, error: OSError) -> None:
-        log.error("state dir %s failed: %s; refusing new steps and retrying on a new log segment", operation, error)
+        log.error(
+            "state dir %s failed: %s; refusing new steps and retrying on a new log segment", operation, error
+        )
         self._on_error(operation, error)
         self._on_health(False)
 
@@ -151,8 +174,15 @@ class Durability:
         for session, start, tokens in entries:
             life = session.life + 1 if start == 0 else session.life  # a start from zero is a new life
             if not session.logged:
-                meta = {"owner": session.owner, "model": session.model, "version": session.version, "seed": session.seed,
-                        "ttl": session.ttl, "remaining_ttl": session.ttl, "created_at": session.created_at}
+                meta = {
+                    "owner": session.owner,
+                    "model": session.model,
+                    "version": session.version,
+                    "seed": session.seed,
+                    "ttl": session.ttl,
+                    "remaining_ttl": session.ttl,
+                    "created_at": session.created_at,
+                }
                 records.append(Record(RecordKind.CREATE, session.id, meta=meta))
             records.append(Record(RecordKind.TOKENS, session.id, start, tuple(tokens), life))
             marks.append((session, life, start + len(tokens)))
@@ -179,7 +209,11 @@ class Durability:
             try:
                 self.wal.append([Record(RecordKind.DELETE, session.id)], [])
             except Unavailable as e:
-                log.warning("session %s: its deletion is not logged (%s); it may come back after a crash", session.id, e)
+                log.warning(
+                    "session %s: its deletion is not logged (%s); it may come back after a crash",
+                    session.id,
+                    e,
+                )
         with contextlib.suppress(OSError):
             self._snap_path(session).unlink(missing_ok=True)
 
@@ -230,7 +264,9 @@ class Durability:
         Nothing is dropped unless every snapshot was written."""
         if self.wal is None or self.wal.failure is not None:
             return
-        old_segment = await asyncio.to_thread(self.wal.rotate)  # the states taken below cover every record before
+        old_segment = await asyncio.to_thread(
+            self.wal.rotate
+        )  # the states taken below cover every record before
         await self._snapshot_all(engine, moved_only=True)
         self.wal.delete_through(old_segment)
 
@@ -254,7 +290,9 @@ class Durability:
         return [
             (s, (s.life, s.state_position), snapshot_bytes(s, state_of(s), now))
             for s in sessions
-            if s.durable and not s.replaying and not (moved_only and s.snapshot_key == (s.life, s.state_position))
+            if s.durable
+            and not s.replaying
+            and not (moved_only and s.snapshot_key == (s.life, s.state_position))
         ]
 
     def _write_all(self, taken: list[tuple[Session, tuple[int, int], bytes]]) -> None:
@@ -300,7 +338,8 @@ class Durability:
         problems = self._apply_log(restored) if self.wal is not None else []
         # a session created after the log's last rotation is rebuilt from the log alone
         return restored, [
-            f"session {sid}: snapshot unusable ({why}); " + ("rebuilt from its log" if sid in restored else "the session is lost")
+            f"session {sid}: snapshot unusable ({why}); "
+            + ("rebuilt from its log" if sid in restored else "the session is lost")
             for sid, why in damaged.items()
         ] + problems
 
@@ -313,11 +352,23 @@ class Durability:
             try:
                 found = blob.unpack(path.read_bytes())
                 extra = found.extra
-                meta = {"id": extra["id"], "owner": extra["owner"], "model": found.model, "version": found.fingerprint,
-                        "seed": found.seed, "ttl": float(extra["ttl"]), "remaining_ttl": float(extra["remaining_ttl"]),
-                        "created_at": float(extra["created_at"])}
+                meta = {
+                    "id": extra["id"],
+                    "owner": extra["owner"],
+                    "model": found.model,
+                    "version": found.fingerprint,
+                    "seed": found.seed,
+                    "ttl": float(extra["ttl"]),
+                    "remaining_ttl": float(extra["remaining_ttl"]),
+                    "created_at": float(extra["created_at"]),
+                }
                 restored[meta["id"]] = Restored(
-                    meta, found.position, found.state or None, found.logits, list(extra["history"]), list(extra["pending"]),
+                    meta,
+                    found.position,
+                    found.state or None,
+                    found.logits,
+                    list(extra["history"]),
+                    list(extra["pending"]),
                     life=int(extra.get("life", 0)),  # older snapshots: no reset since the log began
                 )
             except (InvalidArgument, KeyError, TypeError, ValueError, OSError) as e:

@@ -19,7 +19,14 @@ from server import blob, tokenizer
 from server.auth import Authenticator, Principal
 from server.config import ServeSettings
 from server.durability import Durability
-from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from server.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from server.jobs import ErrorEvent, Event, FinishedEvent, FinishReason, GenerateSpec, Job, Outbox
 from server.metrics import Metrics
 from server.registry import ModelRegistry, ModelRuntime
@@ -39,7 +46,10 @@ class Engine:
         self.auth = Authenticator.from_file(settings.api_keys_file)
         self.store = SessionStore(settings.max_sessions, settings.session_ttl, settings.max_session_ttl)
         self.durability = Durability(
-            settings.state_dir, settings.durability, settings.fsync_interval, settings.snapshot_interval,
+            settings.state_dir,
+            settings.durability,
+            settings.fsync_interval,
+            settings.snapshot_interval,
             on_error=lambda operation, error: metrics.durability_errors.labels(operation).inc(),
             on_health=self._log_health_changed,
         )
@@ -112,7 +122,11 @@ class Engine:
                 await self.runtime(session).scheduler.settle(session)
         for session in self.store:
             if session.driver is not None:
-                session.driver.end(Unavailable(f"the server is shutting down; session {session.id} is at position {session.position}"))
+                session.driver.end(
+                    Unavailable(
+                        f"the server is shutting down; session {session.id} is at position {session.position}"
+                    )
+                )
         await self.durability.shutdown(self)
         for runtime in self.registry.runtimes():
             await runtime.scheduler.stop()
@@ -147,13 +161,21 @@ class Engine:
         return self.store.owned_by(principal.name)
 
     async def create_session(
-        self, principal: Principal, model: str, version: str, seed: int | None, ttl: float | None, durable: bool = True
+        self,
+        principal: Principal,
+        model: str,
+        version: str,
+        seed: int | None,
+        ttl: float | None,
+        durable: bool = True,
     ) -> Session:
         """A new session that has absorbed <bos> (a temporary one, not `durable`, is never written)."""
         runtime = self.registry.get(model, version)
         session = self._register(principal, runtime, seed, ttl)
         session.durable = durable
-        await self._or_rolled_back(session, self.run_quietly(session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True)))
+        await self._or_rolled_back(
+            session, self.run_quietly(session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
+        )
         return session
 
     async def reset_session(self, principal: Principal, session_id: str) -> Session:
@@ -162,7 +184,9 @@ class Engine:
         await self.run_quietly(session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
         return session
 
-    async def fork_session(self, principal: Principal, session_id: str, seed: int | None, ttl: float | None) -> Session:
+    async def fork_session(
+        self, principal: Principal, session_id: str, seed: int | None, ttl: float | None
+    ) -> Session:
         parent = self.get_session(principal, session_id)
         await self._settled(parent, "fork")
         runtime = self.runtime(parent)
@@ -170,7 +194,9 @@ class Engine:
         child.position = child.state_position = parent.position
         child.logits, child.history = parent.logits.copy(), list(parent.history)
         parent.touch()
-        await self._or_rolled_back(child, runtime.scheduler.in_step_thread(self._copy_and_snapshot, runtime, parent, child))
+        await self._or_rolled_back(
+            child, runtime.scheduler.in_step_thread(self._copy_and_snapshot, runtime, parent, child)
+        )
         return child
 
     def _copy_and_snapshot(self, runtime: ModelRuntime, parent: Session, child: Session) -> None:
@@ -185,7 +211,9 @@ class Engine:
         position, logits = session.position, session.logits.copy()
         session.touch()
         state = await runtime.scheduler.in_step_thread(runtime.residency.state_bytes, session)
-        packed = blob.pack(blob.SessionBlob(runtime.name, runtime.version, position, session.seed, state, logits))
+        packed = blob.pack(
+            blob.SessionBlob(runtime.name, runtime.version, position, session.seed, state, logits)
+        )
         return packed, session
 
     async def import_session(self, principal: Principal, data: bytes, ttl: float | None) -> Session:
@@ -196,7 +224,9 @@ class Engine:
                 f"the blob is for model {exported.model!r} version {exported.fingerprint[:12]}, which this server has not loaded"
             )
         if exported.logits.size != runtime.vocab_size:
-            raise InvalidArgument(f"the blob's logits have {exported.logits.size} entries, the model's vocabulary {runtime.vocab_size}")
+            raise InvalidArgument(
+                f"the blob's logits have {exported.logits.size} entries, the model's vocabulary {runtime.vocab_size}"
+            )
         if not np.isfinite(exported.logits).all():
             raise InvalidArgument("the blob's logits hold non-finite values")
         session = self._register(principal, runtime, exported.seed, ttl)
@@ -204,13 +234,16 @@ class Engine:
         session.logits = exported.logits
         try:
             placed = await self._or_rolled_back(
-                session, runtime.scheduler.in_step_thread(self._load_and_snapshot, runtime, session, exported.state)
+                session,
+                runtime.scheduler.in_step_thread(self._load_and_snapshot, runtime, session, exported.state),
             )
         except ValueError as e:
             raise InvalidArgument(f"the blob's state does not fit model {runtime.name!r}: {e}") from e
         if not placed:
             self._end(session, "deleted")
-            raise ResourceExhausted("every device slot is in use by running requests; retry the import shortly", "capacity")
+            raise ResourceExhausted(
+                "every device slot is in use by running requests; retry the import shortly", "capacity"
+            )
         return session
 
     async def _or_rolled_back(self, session: Session, operation: Awaitable[T]) -> T:
@@ -267,15 +300,27 @@ class Engine:
         key_limit = self.auth.max_queued_requests(session.owner)
         limit = min(self.settings.max_queued_per_session, key_limit or self.settings.max_queued_per_session)
         if sum(1 for job in session.jobs if not job.cancelled) >= limit:
-            whose = "this API key's max_queued_requests" if limit == key_limit else "this server's --max-queued-per-session"
+            whose = (
+                "this API key's max_queued_requests"
+                if limit == key_limit
+                else "this server's --max-queued-per-session"
+            )
             raise ResourceExhausted(
                 f"session {session.id} already has {limit} requests queued or running ({whose}); "
-                f"read their events and wait for one to finish before sending another", "session_queue_full"
+                f"read their events and wait for one to finish before sending another",
+                "session_queue_full",
             )
 
     async def generate(
-        self, principal: Principal, session_id: str, model: str, version: str,
-        prompt: list[int], spec: GenerateSpec, seed: int | None, takeover: bool,
+        self,
+        principal: Principal,
+        session_id: str,
+        model: str,
+        version: str,
+        prompt: list[int],
+        spec: GenerateSpec,
+        seed: int | None,
+        takeover: bool,
     ) -> AsyncIterator[tuple[Session, Event]]:
         """Feed `prompt`, then generate; yields (session, event) until the finished event.
         Without a session id a temporary session is created, and deleted at the end."""
@@ -284,9 +329,13 @@ class Engine:
             temporary = await self.create_session(principal, model, version, seed, None, durable=False)
             session_id = temporary.id
         elif seed is not None:
-            raise InvalidArgument("seed applies to temporary sessions only; a session keeps the seed it was created with")
+            raise InvalidArgument(
+                "seed applies to temporary sessions only; a session keeps the seed it was created with"
+            )
         elif model and model != (running := self.get_session(principal, session_id).model):
-            raise InvalidArgument(f"session {session_id} runs model {running!r}, not {model!r}: omit model, or give {running!r}")
+            raise InvalidArgument(
+                f"session {session_id} runs model {running!r}, not {model!r}: omit model, or give {running!r}"
+            )
         try:
             session, driver = self.attach(principal, session_id, takeover)
             job = Job("", driver.outbox, feed=prompt, generate=spec)
@@ -308,9 +357,13 @@ class Engine:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _register(self, principal: Principal, runtime: ModelRuntime, seed: int | None, ttl: float | None) -> Session:
+    def _register(
+        self, principal: Principal, runtime: ModelRuntime, seed: int | None, ttl: float | None
+    ) -> Session:
         try:
-            session = self.store.new(principal.name, runtime.name, runtime.version, seed, ttl, principal.max_sessions)
+            session = self.store.new(
+                principal.name, runtime.name, runtime.version, seed, ttl, principal.max_sessions
+            )
         except ResourceExhausted as e:
             self.metrics.sessions_rejected.labels(e.reason).inc()
             raise
@@ -321,17 +374,23 @@ class Engine:
     async def _settled(self, session: Session, action: str) -> None:
         """Wait out cancelled requests' last steps; refuse while a live request runs."""
         if any(not job.cancelled for job in session.jobs):
-            raise FailedPrecondition(f"cannot {action} session {session.id} while a request on it is running; wait for it to finish")
+            raise FailedPrecondition(
+                f"cannot {action} session {session.id} while a request on it is running; wait for it to finish"
+            )
         await self.runtime(session).scheduler.settle(session)
         if not session.idle:
-            raise FailedPrecondition(f"cannot {action} session {session.id}: a new request on it started; wait for it to finish")
+            raise FailedPrecondition(
+                f"cannot {action} session {session.id}: a new request on it started; wait for it to finish"
+            )
 
     async def replay(self, session: Session, tokens: list[int]) -> None:
         """Feed a restored session its logged tokens again, through the same step (from the zero
         state if its state is at position 0)."""
         session.replaying = True
         try:
-            await self.run_quietly(session, Job("", Outbox(limit=2), feed=tokens, reset=session.state_position == 0, replay=True))
+            await self.run_quietly(
+                session, Job("", Outbox(limit=2), feed=tokens, reset=session.state_position == 0, replay=True)
+            )
         finally:
             session.replaying = False
 
@@ -349,7 +408,9 @@ class Engine:
         finally:
             job.cancel()
         if event.reason is FinishReason.CANCELLED:
-            raise Aborted(f"session {session.id} was taken over by a stream before this request ran; retry it")
+            raise Aborted(
+                f"session {session.id} was taken over by a stream before this request ran; retry it"
+            )
 
     def _end(self, session: Session, reason: str) -> None:
         """Remove a session, end its stream, and free its state (in the step thread)."""
@@ -358,7 +419,9 @@ class Engine:
         self.store.remove(session, expired=reason == "expired")
         self.durability.deleted(session)
         if session.driver is not None:
-            session.driver.end(NotFound(f"session {session.id} was {'deleted' if reason == 'deleted' else reason}"))
+            session.driver.end(
+                NotFound(f"session {session.id} was {'deleted' if reason == 'deleted' else reason}")
+            )
         if not session.stranded:
             runtime = self.runtime(session)
             runtime.scheduler.wake()
@@ -393,5 +456,9 @@ class Engine:
         per_slot = {r.version: r.pool.state_bytes_per_slot for r in self.registry.runtimes()}
         self.metrics.sessions.labels("device").set(on_device)
         self.metrics.sessions.labels("host").set(on_host)
-        self.metrics.state_memory.labels("device").set(sum(r.pool.capacity * r.pool.state_bytes_per_slot for r in self.registry.runtimes()))
-        self.metrics.state_memory.labels("host").set(sum(per_slot.get(s.version, 0) for s in self.store if not s.on_device))
+        self.metrics.state_memory.labels("device").set(
+            sum(r.pool.capacity * r.pool.state_bytes_per_slot for r in self.registry.runtimes())
+        )
+        self.metrics.state_memory.labels("host").set(
+            sum(per_slot.get(s.version, 0) for s in self.store if not s.on_device)
+        )

@@ -12,7 +12,9 @@ from server.sampling import SamplingParams, sample_one
 
 
 @torch.no_grad()
-def generate_text(path: Path, prompt: str, max_tokens: int, params: SamplingParams, seed: int) -> Iterator[str]:
+def generate_text(
+    path: Path, prompt: str, max_tokens: int, params: SamplingParams, seed: int
+) -> Iterator[str]:
     """Absorb <bos> and the prompt, then yield text pieces (whole characters) as tokens are sampled."""
     model = checkpoint.load(path).model
     state = model.initial_state(1)

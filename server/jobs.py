@@ -87,7 +87,9 @@ class GenerateSpec:
     max_tokens: int
     sampling: SamplingParams = SamplingParams()
     stop: tuple[str, ...] = ()
-    ignore_eos: bool = False  # <eos> is absorbed like any token; only max_tokens or a stop sequence ends the job
+    ignore_eos: bool = (
+        False  # <eos> is absorbed like any token; only max_tokens or a stop sequence ends the job
+    )
 
 
 @dataclass(eq=False)
@@ -144,7 +146,11 @@ class Job:
         now = time.perf_counter()
         latency = now - (self._last_token_at or self.created_at)
         self._last_token_at = now
-        self.outbox.put(TokenEvent(self.request_id, token, text, logprob, position, durable, (), latency, self.generated == 1))
+        self.outbox.put(
+            TokenEvent(
+                self.request_id, token, text, logprob, position, durable, (), latency, self.generated == 1
+            )
+        )
         reason = self._finish_reason(token, text)
         if reason is not None:
             self.finish(reason, position, durable)
@@ -164,4 +170,6 @@ class Job:
     def finish(self, reason: FinishReason, position: int, durable: int = 0) -> None:
         if not self.done:
             self.done = True
-            self.outbox.put(FinishedEvent(self.request_id, reason, self.fed, self.generated, position, durable))
+            self.outbox.put(
+                FinishedEvent(self.request_id, reason, self.fed, self.generated, position, durable)
+            )

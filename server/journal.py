@@ -66,8 +66,12 @@ def encode(record: Record) -> bytes:
     body = _HEAD.pack(record.kind, bytes.fromhex(record.session_id))
     if record.kind == RecordKind.TOKENS:
         if len(record.tokens) > MAX_TOKENS_PER_RECORD:
-            raise ValueError(f"a log record holds at most {MAX_TOKENS_PER_RECORD} tokens, got {len(record.tokens)}")
-        body += _TOKENS.pack(record.life, record.start, len(record.tokens)) + struct.pack(f"<{len(record.tokens)}H", *record.tokens)
+            raise ValueError(
+                f"a log record holds at most {MAX_TOKENS_PER_RECORD} tokens, got {len(record.tokens)}"
+            )
+        body += _TOKENS.pack(record.life, record.start, len(record.tokens)) + struct.pack(
+            f"<{len(record.tokens)}H", *record.tokens
+        )
     elif record.kind == RecordKind.CREATE:
         body += json.dumps(record.meta, separators=(",", ":")).encode()
     return _RECORD.pack(len(body)) + body
@@ -127,15 +131,24 @@ def read_segment(path: Path) -> tuple[list[Record], str | None]:
         end = offset + _FRAME.size + length
         if end > len(data) or length > MAX_FRAME_BYTES:
             if _valid_frame_after(data, offset):
-                return records, f"{path.name}: damaged length field at byte {offset}; the rest of the segment is ignored"
+                return (
+                    records,
+                    f"{path.name}: damaged length field at byte {offset}; the rest of the segment is ignored",
+                )
             break  # a frame cut short by a crash or a failed write: the end of this segment
         body = data[offset + _FRAME.size : end]
         if zlib.crc32(body) != crc:
-            return records, f"{path.name}: checksum mismatch at byte {offset}; the rest of the segment is ignored"
+            return (
+                records,
+                f"{path.name}: checksum mismatch at byte {offset}; the rest of the segment is ignored",
+            )
         try:
             records += decode_frame(body)
         except (struct.error, ValueError) as e:
-            return records, f"{path.name}: undecodable record at byte {offset} ({e}); the rest of the segment is ignored"
+            return (
+                records,
+                f"{path.name}: undecodable record at byte {offset} ({e}); the rest of the segment is ignored",
+            )
         offset = end
     return records, None
 
@@ -177,7 +190,9 @@ class SegmentFile:
 
 
 def write_failed(error: OSError) -> Unavailable:
-    return Unavailable(f"state dir write failed: {error.strerror or error}; the server retries and serves again once the disk accepts writes")
+    return Unavailable(
+        f"state dir write failed: {error.strerror or error}; the server retries and serves again once the disk accepts writes"
+    )
 
 
 class WriteAheadLog:
@@ -200,7 +215,9 @@ class WriteAheadLog:
         self._on_fault = on_fault  # called with ("write" or "fsync", the error) when the log fails
         self._on_recovered = on_recovered
         self._lock = threading.Lock()  # the current segment, the unsynced frames, the failure
-        self._sync_lock = threading.Lock()  # one fsync, rotation or recovery at a time; only it closes segments
+        self._sync_lock = (
+            threading.Lock()
+        )  # one fsync, rotation or recovery at a time; only it closes segments
         self._unsynced: list[tuple[bytes, list]] = []  # frames written since the last fsync, with their marks
         self.failure: OSError | None = None
         self._number = max((int(p.stem) for p in self.segments()), default=0) + 1

@@ -11,16 +11,55 @@ from __future__ import annotations
 import platform
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    start_http_server,
+)
 
 PREFIX = "lstm_serve_"
-LATENCY_BUCKETS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LATENCY_BUCKETS = (
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096)
 LIFETIME_BUCKETS = (1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600, 7 * 24 * 3600)
 GRPC_CODES = (
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-    "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
 )
 SESSION_END_REASONS = ("deleted", "expired", "temporary")
 REJECT_REASONS = ("capacity", "key_limit", "queue_full", "session_queue_full")
@@ -33,19 +72,27 @@ class Metrics:
         self.registry = CollectorRegistry()
         counter, gauge, histogram = self._counter, self._gauge, self._histogram
         # RPCs
-        self.requests = counter("rpc_requests", "Finished RPCs by method and gRPC status code", ["method", "code"])
+        self.requests = counter(
+            "rpc_requests", "Finished RPCs by method and gRPC status code", ["method", "code"]
+        )
         self.rpc_duration = histogram("rpc_duration_seconds", "RPC duration, streams included", ["method"])
         self.streams_in_flight = gauge("streams_in_flight", "Streaming RPCs open now", ["method"])
         # tokens and latency
         self.tokens_fed = counter("tokens_fed", "Tokens absorbed from clients' input (and <bos>)", ["model"])
         self.tokens_generated = counter("tokens_generated", "Tokens sampled and absorbed", ["model"])
         self.time_to_first_token = histogram(
-            "time_to_first_token_seconds", "From a generate request's arrival to its first token sent", ["model"]
+            "time_to_first_token_seconds",
+            "From a generate request's arrival to its first token sent",
+            ["model"],
         )
         self.inter_token_latency = histogram(
-            "inter_token_latency_seconds", "Between consecutive generated tokens sent on one request", ["model"]
+            "inter_token_latency_seconds",
+            "Between consecutive generated tokens sent on one request",
+            ["model"],
         )
-        self.queue_wait = histogram("queue_wait_seconds", "From a request's submission to its first step", ["model"])
+        self.queue_wait = histogram(
+            "queue_wait_seconds", "From a request's submission to its first step", ["model"]
+        )
         self.step_duration = histogram(
             "step_duration_seconds",
             "One scheduler iteration in the step thread (all its batched steps)",
@@ -66,7 +113,9 @@ class Metrics:
             "sessions_moved_to_host", "Session states moved from the device pool to host memory", ["model"]
         )
         self.sessions_to_device = counter(
-            "sessions_moved_to_device", "Session states moved back from host memory to the device pool", ["model"]
+            "sessions_moved_to_device",
+            "Session states moved back from host memory to the device pool",
+            ["model"],
         )
         self.sessions_rejected = counter(
             "sessions_rejected", "Session creations and requests refused, by reason", ["reason"]
@@ -88,12 +137,18 @@ class Metrics:
         self.state_problems = counter(
             "state_problems", "Damaged snapshots or log records found in the state dir at start-up"
         )
-        self.sessions_restored = counter("sessions_restored", "Sessions brought back from the state dir at start-up")
+        self.sessions_restored = counter(
+            "sessions_restored", "Sessions brought back from the state dir at start-up"
+        )
         self.durability_errors = counter(
-            "durability_errors", "Failed writes to the state dir, by operation (write, fsync: the log; snapshot)", ["operation"]
+            "durability_errors",
+            "Failed writes to the state dir, by operation (write, fsync: the log; snapshot)",
+            ["operation"],
         )
         self.build = Info("lstm_serve_build", "Server build", registry=self.registry)
-        self.build.info({"version": _version(), "python": platform.python_version(), "torch": torch.__version__})
+        self.build.info(
+            {"version": _version(), "python": platform.python_version(), "torch": torch.__version__}
+        )
         self._init_labels(methods)
 
     def _counter(self, name: str, doc: str, labels: list[str] = ()) -> Counter:
@@ -124,8 +179,17 @@ class Metrics:
             self.state_memory.labels(location)
 
     def init_model(self, name: str, backend: str) -> None:
-        for metric in (self.tokens_fed, self.tokens_generated, self.time_to_first_token, self.inter_token_latency,
-                       self.queue_wait, self.batch_size, self.sessions_created, self.sessions_to_host, self.sessions_to_device):
+        for metric in (
+            self.tokens_fed,
+            self.tokens_generated,
+            self.time_to_first_token,
+            self.inter_token_latency,
+            self.queue_wait,
+            self.batch_size,
+            self.sessions_created,
+            self.sessions_to_host,
+            self.sessions_to_device,
+        ):
             metric.labels(name)
         self.step_duration.labels(name, backend)
 

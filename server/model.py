@@ -82,7 +82,9 @@ class RecurrentLM(nn.Module):
 
     def layer_weights(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(W_ih [G*H, in], W_hh [G*H, H], b_ih [G*H], b_hh [G*H]) of one layer."""
-        return tuple(getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+        return tuple(
+            getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        )
 
     @torch.no_grad()
     def step(self, tokens: Tensor, state: State) -> tuple[Tensor, State]:

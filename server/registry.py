@@ -56,7 +56,9 @@ class ModelRuntime:
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+    return torch.device(
+        "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+    )
 
 
 class ModelRegistry:
@@ -105,17 +107,36 @@ class ModelRegistry:
         cfg = loaded.meta.model
         self.metrics.init_model(runtime.name, runtime.backend_name)
         self.metrics.model_info.labels(
-            runtime.name, runtime.version, cfg.cell, str(cfg.layers), str(cfg.hidden), runtime.backend_name, str(self.device)
+            runtime.name,
+            runtime.version,
+            cfg.cell,
+            str(cfg.layers),
+            str(cfg.hidden),
+            runtime.backend_name,
+            str(self.device),
         ).set(1)
-        log.info("loaded model %s version %s (%s, %d layers, hidden %d) in %.2fs", runtime.name, runtime.version[:12], cfg.cell, cfg.layers, cfg.hidden, seconds)
+        log.info(
+            "loaded model %s version %s (%s, %d layers, hidden %d) in %.2fs",
+            runtime.name,
+            runtime.version[:12],
+            cfg.cell,
+            cfg.layers,
+            cfg.hidden,
+            seconds,
+        )
         return runtime
 
     def _runtime(self, name: str, loaded: checkpoint.Checkpoint) -> ModelRuntime:
         s, metrics = self.settings, self.metrics
-        pool = StatePool(loaded.meta.model, self.device, initial_slots=min(64, s.device_slots), max_slots=s.device_slots)
+        pool = StatePool(
+            loaded.meta.model, self.device, initial_slots=min(64, s.device_slots), max_slots=s.device_slots
+        )
         dtype = None if s.dtype == "auto" else DTYPES[s.dtype]
         backend = make_backend(loaded.model, pool, s.backend, dtype)
-        moved = {"to_host": metrics.sessions_to_host.labels(name), "to_device": metrics.sessions_to_device.labels(name)}
+        moved = {
+            "to_host": metrics.sessions_to_host.labels(name),
+            "to_device": metrics.sessions_to_device.labels(name),
+        }
         residency = DeviceResidency(pool, on_move=lambda direction: moved[direction].inc())
         step_hist = metrics.step_duration.labels(name, backend.name)
         batch_hist, wait_hist = metrics.batch_size.labels(name), metrics.queue_wait.labels(name)
@@ -129,8 +150,20 @@ class ModelRegistry:
             for wait in stats.queue_wait:
                 wait_hist.observe(wait)
 
-        scheduler = Scheduler(backend, residency, s.max_batch_size, s.max_queue, s.prefill_chunk, on_iteration)
-        return ModelRuntime(name, loaded.meta, loaded.path, self.device, pool, residency, scheduler, backend.name, backend.dtype)
+        scheduler = Scheduler(
+            backend, residency, s.max_batch_size, s.max_queue, s.prefill_chunk, on_iteration
+        )
+        return ModelRuntime(
+            name,
+            loaded.meta,
+            loaded.path,
+            self.device,
+            pool,
+            residency,
+            scheduler,
+            backend.name,
+            backend.dtype,
+        )
 
     def get(self, name: str, version: str = "") -> ModelRuntime:
         """The model `name` at `version` (a fingerprint or a unique prefix of one), else its newest."""
@@ -142,7 +175,9 @@ class ModelRegistry:
             return versions[-1]
         matches = [r for r in versions if r.version.startswith(version)]
         if len(matches) != 1:
-            raise NotFound(f"model {name!r} has no loaded version {version!r}; loaded: {', '.join(r.version[:12] for r in versions)}")
+            raise NotFound(
+                f"model {name!r} has no loaded version {version!r}; loaded: {', '.join(r.version[:12] for r in versions)}"
+            )
         return matches[0]
 
     def by_fingerprint(self, fingerprint: str) -> ModelRuntime | None:

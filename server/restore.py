@@ -26,8 +26,14 @@ def rebuild(restored: Restored, vocab_size: int | None) -> Session:
     """A Session object from what the state dir holds (before its replay)."""
     meta, now = restored.meta, time.time()
     session = Session(
-        meta["id"], meta["owner"], meta["model"], meta["version"], int(meta["seed"]), float(meta["ttl"]),
-        float(meta["created_at"]), now + float(meta["remaining_ttl"]),
+        meta["id"],
+        meta["owner"],
+        meta["model"],
+        meta["version"],
+        int(meta["seed"]),
+        float(meta["ttl"]),
+        float(meta["created_at"]),
+        now + float(meta["remaining_ttl"]),
     )
     session.position = session.state_position = restored.position
     session.life, session.logged = restored.life, True
@@ -55,7 +61,12 @@ async def restore_sessions(engine) -> None:
         engine.store.restore(session)
         if runtime is None:
             session.stranded, session.pending_replay = True, list(found.replay)
-            log.error("session %s: model %s version %s is not loaded; kept as stranded", session.id, session.model, session.version[:12])
+            log.error(
+                "session %s: model %s version %s is not loaded; kept as stranded",
+                session.id,
+                session.model,
+                session.version[:12],
+            )
             continue
         if found.position == 0 and not found.replay:  # created, but its <bos> never logged
             found.replay = [tokenizer.BOS]

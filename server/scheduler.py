@@ -112,7 +112,9 @@ class Scheduler:
     def submit(self, session: Session, job: Job) -> None:
         """Queue `job` behind `session`'s earlier ones; RESOURCE_EXHAUSTED when the queue is full."""
         if self._queued >= self.max_queue:
-            raise ResourceExhausted(f"the model's request queue is full ({self.max_queue} requests); retry later", "queue_full")
+            raise ResourceExhausted(
+                f"the model's request queue is full ({self.max_queue} requests); retry later", "queue_full"
+            )
         self._queued += 1
         self._submitted_at[id(job)] = time.perf_counter()
         session.jobs.append(job)
@@ -168,7 +170,11 @@ class Scheduler:
                     row.job.cancel()
                 outputs = []
             steps, seconds = len(outputs), time.perf_counter() - started
-            waits = [started - self._submitted_at.get(id(r.job), started) for r in rows if r.job.fed + r.job.generated == 0]
+            waits = [
+                started - self._submitted_at.get(id(r.job), started)
+                for r in rows
+                if r.job.fed + r.job.generated == 0
+            ]
             generated = sum(len(r.absorbed) for r in rows if r.generating)
             fed = sum(len(r.absorbed) for r in rows) - generated
             self._deliver(rows)
@@ -252,7 +258,10 @@ class Scheduler:
             )
             for row, token in zip(gen, chosen.tolist()):
                 row.tokens = [token]
-        return {id(r): np.zeros_like(r.session.logits) if r.job.reset and r.job.fed == 0 else r.session.logits for r in rows}
+        return {
+            id(r): np.zeros_like(r.session.logits) if r.job.reset and r.job.fed == 0 else r.session.logits
+            for r in rows
+        }
 
     # ---- the step thread -------------------------------------------------------------------
 
@@ -264,7 +273,9 @@ class Scheduler:
         so that a snapshot taken between iterations is consistent.
         """
         pinned = {row.session.id for row in rows}
-        runnable = [r for r in rows if not r.session.closed and self.residency.make_resident(r.session, pinned)]
+        runnable = [
+            r for r in rows if not r.session.closed and self.residency.make_resident(r.session, pinned)
+        ]
         self.on_record([(row.session, row.position, row.tokens) for row in runnable if not row.job.replay])
         for row in runnable:
             if row.job.reset and row.job.fed == 0:
@@ -274,7 +285,9 @@ class Scheduler:
             active = [i for i, r in enumerate(runnable) if len(r.tokens) > j]
             tokens = np.array([runnable[i].tokens[j] for i in active], dtype=np.int64)
             slots = np.array([runnable[i].session.slot for i in active], dtype=np.int64)
-            logits = self.backend.step(torch.from_numpy(tokens), torch.from_numpy(slots)).cpu().numpy()  # [A, V]
+            logits = (
+                self.backend.step(torch.from_numpy(tokens), torch.from_numpy(slots)).cpu().numpy()
+            )  # [A, V]
             outputs.append((active, tokens, logits))
             for n, i in enumerate(active):
                 runnable[i].session.logits = logits[n]
@@ -289,12 +302,18 @@ class Scheduler:
         """Give each row its absorbed (token, logprob, top alternatives), sub-step by sub-step."""
         if not rows:
             return
-        prev = np.stack([before[id(r)] for r in rows])  # [R, V]: the logits each absorbed token was drawn from
+        prev = np.stack(
+            [before[id(r)] for r in rows]
+        )  # [R, V]: the logits each absorbed token was drawn from
         for active, tokens, logits in outputs:
             logprobs = log_softmax(prev[active])[np.arange(len(active)), tokens].tolist()
             for n, (i, token) in enumerate(zip(active, tokens.tolist())):
                 job = rows[i].job
-                top = top_logprobs(logits[n], job.top_logprobs) if job.return_logprobs and job.top_logprobs else ()
+                top = (
+                    top_logprobs(logits[n], job.top_logprobs)
+                    if job.return_logprobs and job.top_logprobs
+                    else ()
+                )
                 rows[i].absorbed.append((token, logprobs[n], top))
             prev[active] = logits
 

@@ -58,17 +58,19 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> N
     metrics = Metrics(METHODS)
     registry = ModelRegistry(settings, metrics)
     engine = Engine(settings, registry, metrics)
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),
-        # find dead clients (their streams then release their sessions) ...
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.keepalive_timeout_ms", 10_000),
-        # ... and accept clients' keepalive pings down to every 10 s, also on idle streams
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-    ])
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+            # find dead clients (their streams then release their sessions) ...
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            # ... and accept clients' keepalive pings down to every 10 s, also on idle streams
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+    )
     add_to_server(LstmServeServicer(engine), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -80,7 +82,10 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> N
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     metrics_port = metrics.serve(settings.host, settings.metrics_port)
     await server.start()
-    print(f"lstm-serve: listening on {settings.host}:{port}, metrics on http://{settings.host}:{metrics_port}/metrics", flush=True)
+    print(
+        f"lstm-serve: listening on {settings.host}:{port}, metrics on http://{settings.host}:{metrics_port}/metrics",
+        flush=True,
+    )
     for warning in exposure_warnings(settings):
         log.warning(warning)
 

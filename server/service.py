@@ -24,8 +24,13 @@ from server.streams import Opened, run_stream
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["LstmServeService"]
 METHODS = [m.name for m in SERVICE.methods]
-PROMPT_METHODS = ("Generate", "Stream")  # their requests are small but for the prompt: refused unparsed when too large
-MAX_DETAILS = 500  # characters of a status message; grpc drops longer headers (the client would see RESOURCE_EXHAUSTED)
+PROMPT_METHODS = (
+    "Generate",
+    "Stream",
+)  # their requests are small but for the prompt: refused unparsed when too large
+MAX_DETAILS = (
+    500  # characters of a status message; grpc drops longer headers (the client would see RESOURCE_EXHAUSTED)
+)
 
 
 def principal_of(engine: Engine, context: grpc.aio.ServicerContext) -> Principal:
@@ -47,11 +52,16 @@ class _Call:
         if isinstance(error, ServeError):
             self.code = error.code
             message = str(error)  # it may quote the request: keep it short
-            await context.abort(getattr(grpc.StatusCode, error.code), message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS] + "…")
+            await context.abort(
+                getattr(grpc.StatusCode, error.code),
+                message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS] + "…",
+            )
         else:
             log.error("unexpected error in %s", self.method, exc_info=error)
             self.code = "INTERNAL"
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {self.method}; the server log has details")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, f"internal error in {self.method}; the server log has details"
+            )
 
     def done(self, cancelled: bool) -> None:
         code = "CANCELLED" if cancelled else self.code
@@ -87,7 +97,9 @@ def streaming(method: Callable) -> Callable:
         in_flight.inc()
         try:
             principal = principal_of(self.engine, context)
-            async for response in method(self, translate.parsed(request), principal):  # Stream: parsed per message
+            async for response in method(
+                self, translate.parsed(request), principal
+            ):  # Stream: parsed per message
                 yield response
         except (asyncio.CancelledError, GeneratorExit):
             cancelled = True
@@ -109,11 +121,17 @@ def add_to_server(servicer: LstmServeServicer, server: grpc.aio.Server) -> None:
     larger than any valid request, gets INVALID_ARGUMENT."""
     handlers = {}
     for method in SERVICE.methods:
-        kind = ("stream" if method.client_streaming else "unary") + "_" + ("stream" if method.server_streaming else "unary")
+        kind = (
+            ("stream" if method.client_streaming else "unary")
+            + "_"
+            + ("stream" if method.server_streaming else "unary")
+        )
         max_prompt = servicer.settings.max_prompt_tokens if method.name in PROMPT_METHODS else None
         handlers[method.name] = getattr(grpc, f"{kind}_rpc_method_handler")(
             getattr(servicer, method.name),
-            request_deserializer=translate.lenient(getattr(pb, method.input_type.name).FromString, max_prompt),
+            request_deserializer=translate.lenient(
+                getattr(pb, method.input_type.name).FromString, max_prompt
+            ),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
@@ -139,12 +157,18 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
 
     @unary
     async def ListModels(self, request, principal):
-        return pb.ListModelsResponse(models=[translate.model_info(r) for r in self.engine.registry.runtimes()])
+        return pb.ListModelsResponse(
+            models=[translate.model_info(r) for r in self.engine.registry.runtimes()]
+        )
 
     @unary
     async def CreateSession(self, request, principal):
         session = await self.engine.create_session(
-            principal, request.model, request.model_version, translate.optional_seed(request), translate.ttl_seconds(request)
+            principal,
+            request.model,
+            request.model_version,
+            translate.optional_seed(request),
+            translate.ttl_seconds(request),
         )
         return pb.CreateSessionResponse(session=translate.session_message(session))
 
@@ -193,8 +217,14 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
         prompt = translate.input_tokens(request.prompt, self.settings)
         spec = translate.generate_spec(request, self.settings, principal)
         events = self.engine.generate(
-            principal, request.session_id, request.model, request.model_version, prompt, spec,
-            translate.optional_seed(request), request.takeover,
+            principal,
+            request.session_id,
+            request.model,
+            request.model_version,
+            prompt,
+            spec,
+            translate.optional_seed(request),
+            request.takeover,
         )
         async for session, event in events:
             if isinstance(event, TokenEvent):

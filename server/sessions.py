@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound, OutOfRange, ResourceExhausted
+from server.errors import (
+    Aborted,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
 from server.jobs import ErrorEvent, Job, Outbox
 
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
@@ -118,12 +125,26 @@ class SessionStore:
             raise InvalidArgument(f"ttl must be in (0, {self.max_ttl:g}] seconds, got {requested:g}")
         return requested
 
-    def new(self, owner: str, model: str, version: str, seed: int | None, ttl: float | None, owner_limit: int | None) -> Session:
+    def new(
+        self,
+        owner: str,
+        model: str,
+        version: str,
+        seed: int | None,
+        ttl: float | None,
+        owner_limit: int | None,
+    ) -> Session:
         """Register a new session (its state is set up by the caller)."""
         if len(self._sessions) >= self.max_sessions:
-            raise ResourceExhausted(f"the server holds its maximum of {self.max_sessions} sessions; delete idle ones or retry later", "capacity")
+            raise ResourceExhausted(
+                f"the server holds its maximum of {self.max_sessions} sessions; delete idle ones or retry later",
+                "capacity",
+            )
         if owner_limit is not None and self.count(owner) >= owner_limit:
-            raise ResourceExhausted(f"this API key already holds its maximum of {owner_limit} sessions; delete one first", "key_limit")
+            raise ResourceExhausted(
+                f"this API key already holds its maximum of {owner_limit} sessions; delete one first",
+                "key_limit",
+            )
         now = time.time()
         seed = secrets.randbits(64) if seed is None else seed
         session = Session(secrets.token_hex(16), owner, model, version, seed, self.ttl(ttl), now, now)
@@ -168,7 +189,11 @@ class SessionStore:
 
     def due_to_expire(self, now: float) -> list[Session]:
         """Idle, undriven sessions past their expiry time."""
-        return [s for s in self._sessions.values() if s.expires_at <= now and s.idle and s.driver is None and not s.stranded]
+        return [
+            s
+            for s in self._sessions.values()
+            if s.expires_at <= now and s.idle and s.driver is None and not s.stranded
+        ]
 
     @staticmethod
     def attach(session: Session, driver: Driver, takeover: bool) -> None:
@@ -181,7 +206,11 @@ class SessionStore:
                 )
             for job in session.jobs:
                 job.cancel()
-            old.end(Aborted(f"session {session.id} was taken over by another stream at position {session.position}"))
+            old.end(
+                Aborted(
+                    f"session {session.id} was taken over by another stream at position {session.position}"
+                )
+            )
         session.driver = driver
         session.touch()
 

@@ -38,7 +38,9 @@ class PoolFullError(RuntimeError):
 
 
 class StatePool:
-    def __init__(self, config: ModelConfig, device: torch.device | str, initial_slots: int, max_slots: int) -> None:
+    def __init__(
+        self, config: ModelConfig, device: torch.device | str, initial_slots: int, max_slots: int
+    ) -> None:
         if not 1 <= initial_slots <= max_slots:
             raise ValueError(f"need 1 <= initial_slots ({initial_slots}) <= max_slots ({max_slots})")
         self.config = config
@@ -129,7 +131,9 @@ class StatePool:
             )
         payload = memoryview(data)[_HEADER.size :]
         if len(payload) != self.state_bytes_per_slot:
-            raise ValueError(f"state blob payload is {len(payload)} bytes, expected {self.state_bytes_per_slot}")
+            raise ValueError(
+                f"state blob payload is {len(payload)} bytes, expected {self.state_bytes_per_slot}"
+            )
         parts = torch.from_numpy(np.frombuffer(payload, dtype="<f4").astype(np.float32))
         parts = parts.view(-1, cfg.layers, 1, cfg.hidden)  # [h (, c), layers, 1, hidden]
         if not torch.isfinite(parts).all():

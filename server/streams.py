@@ -59,7 +59,9 @@ class InputClosed:
     """The client half-closed: no more commands."""
 
 
-async def run_stream(engine, principal: Principal, commands: AsyncIterator[Command]) -> AsyncIterator[Opened | Event]:
+async def run_stream(
+    engine, principal: Principal, commands: AsyncIterator[Command]
+) -> AsyncIterator[Opened | Event]:
     """Attach to the session named by the first command, then serve the rest."""
     first = await anext(commands, None)
     if first is None:
@@ -92,7 +94,9 @@ async def run_stream(engine, principal: Principal, commands: AsyncIterator[Comma
         engine.detach(session, driver)
 
 
-async def _read(engine, session: Session, commands: AsyncIterator[Command], outbox: Outbox, jobs: dict[str, Job]) -> None:
+async def _read(
+    engine, session: Session, commands: AsyncIterator[Command], outbox: Outbox, jobs: dict[str, Job]
+) -> None:
     """Turn commands into jobs; any error ends the stream through the outbox."""
     try:
         async for command in commands:
@@ -104,9 +108,17 @@ async def _read(engine, session: Session, commands: AsyncIterator[Command], outb
                     engine.runtime(session).scheduler.wake()
                 continue
             if not command.request_id or command.request_id in jobs:
-                raise InvalidArgument(f"request_id must be non-empty and unique among open requests, got {command.request_id!r}")
+                raise InvalidArgument(
+                    f"request_id must be non-empty and unique among open requests, got {command.request_id!r}"
+                )
             if isinstance(command, Feed):
-                job = Job(command.request_id, outbox, feed=command.tokens, return_logprobs=command.return_logprobs, top_logprobs=command.top_logprobs)
+                job = Job(
+                    command.request_id,
+                    outbox,
+                    feed=command.tokens,
+                    return_logprobs=command.return_logprobs,
+                    top_logprobs=command.top_logprobs,
+                )
             else:
                 job = Job(command.request_id, outbox, generate=command.spec)
             engine.submit(session, job)

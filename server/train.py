@@ -63,7 +63,9 @@ class TrainResult:
 def pick_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but CUDA is not available")
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
+    return torch.device(
+        "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+    )
 
 
 def learning_rate(cfg: TrainConfig, step: int, horizon: int | None) -> float:
@@ -113,7 +115,9 @@ def evaluate(model: RecurrentLM, stream: torch.Tensor, cfg: TrainConfig, device:
     rows = max(1, min(cfg.batch_size, (n - 1) // cfg.seq_len))
     row_len = (n - 1) // rows
     if row_len < 1:
-        raise CorpusError(f"the held-out split has {len(stream)} tokens: too few to evaluate; use a larger corpus")
+        raise CorpusError(
+            f"the held-out split has {len(stream)} tokens: too few to evaluate; use a larger corpus"
+        )
     data = stream[: rows * row_len + 1]
     inputs = data[:-1].view(rows, row_len).long().to(device)
     targets = data[1:].view(rows, row_len).long().to(device)
@@ -128,7 +132,9 @@ def evaluate(model: RecurrentLM, stream: torch.Tensor, cfg: TrainConfig, device:
     return total / targets.numel() / LN2
 
 
-def choose_horizon(cfg: TrainConfig, step: int, elapsed: float, seconds_per_step: float, seconds_per_eval: float) -> int:
+def choose_horizon(
+    cfg: TrainConfig, step: int, elapsed: float, seconds_per_step: float, seconds_per_eval: float
+) -> int:
     """Steps that fit in cfg.max_minutes, counting the evaluations they bring."""
     remaining = cfg.max_minutes * 60 - elapsed - seconds_per_eval  # the final evaluation included
     per_step = seconds_per_step + seconds_per_eval / cfg.eval_interval
@@ -158,12 +164,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) the training job described by `cfg`."""
     if cfg.resume:
         saved, run = load_run_state(cfg.run_dir)
-        cfg = saved.model_copy(update={"stop_after_steps": cfg.stop_after_steps, "progress": cfg.progress, "resume": True})
+        cfg = saved.model_copy(
+            update={"stop_after_steps": cfg.stop_after_steps, "progress": cfg.progress, "resume": True}
+        )
     device = pick_device(cfg.device)
     corpus = load_corpus(cfg.corpus)
     batches = StreamBatches(corpus.train, cfg.batch_size, cfg.seq_len, "training")
     torch.manual_seed(cfg.seed)
-    model_config = ModelConfig(cell=cfg.cell, layers=cfg.layers, hidden=cfg.hidden, embed=cfg.embed, dropout=cfg.dropout)
+    model_config = ModelConfig(
+        cell=cfg.cell, layers=cfg.layers, hidden=cfg.hidden, embed=cfg.embed, dropout=cfg.dropout
+    )
     model = RecurrentLM(model_config).to(device).train()
     optimizer = make_optimizer(model, cfg)
     if cfg.resume:
@@ -180,8 +190,16 @@ def train(cfg: TrainConfig) -> TrainResult:
 class Trainer:
     """The loop of one run: steps, evaluations, checkpoints, progress."""
 
-    def __init__(self, cfg, corpus: Corpus, batches, model, optimizer, run: RunState, log: RunLog, device) -> None:
-        self.cfg, self.corpus, self.batches, self.model, self.optimizer = cfg, corpus, batches, model, optimizer
+    def __init__(
+        self, cfg, corpus: Corpus, batches, model, optimizer, run: RunState, log: RunLog, device
+    ) -> None:
+        self.cfg, self.corpus, self.batches, self.model, self.optimizer = (
+            cfg,
+            corpus,
+            batches,
+            model,
+            optimizer,
+        )
         self.run, self.log, self.device = run, log, device
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.started = time.perf_counter()
@@ -195,7 +213,14 @@ class Trainer:
 
     def loop(self, stop: StopFlag) -> TrainResult:
         cfg, run = self.cfg, self.run
-        bar = tqdm(total=run.horizon, initial=run.step, unit="step", disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(
+            total=run.horizon,
+            initial=run.step,
+            unit="step",
+            disable=not cfg.progress,
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
         calibration_start = None
         window_start, window_step = time.perf_counter(), run.step
         while run.horizon is None or run.step < run.horizon:
@@ -207,17 +232,28 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, run.step, run.horizon)
             x, y = self.batches.batch(run.step)
-            loss, run.carry = train_step(self.model, self.optimizer, x.to(self.device), y.to(self.device), run.carry, cfg, self.device)
+            loss, run.carry = train_step(
+                self.model, self.optimizer, x.to(self.device), y.to(self.device), run.carry, cfg, self.device
+            )
             if not math.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss} at step {run.step}: lower --lr")
             run.step += 1
             self.window_losses.append(loss)
-            tokens_per_s = self.tokens_per_step * (run.step - window_step) / (time.perf_counter() - window_start)
+            tokens_per_s = (
+                self.tokens_per_step * (run.step - window_step) / (time.perf_counter() - window_start)
+            )
             if run.step % LOG_INTERVAL == 0:
                 recent = self.window_losses[-LOG_INTERVAL:]
-                self.log.write(event="train", step=run.step, tokens_seen=run.step * self.tokens_per_step,
-                               bits_per_byte=sum(recent) / len(recent) / LN2, tokens_per_second=tokens_per_s)
-            bar.set_postfix(loss=f"{loss:.3f}", bpb=f"{loss / LN2:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                self.log.write(
+                    event="train",
+                    step=run.step,
+                    tokens_seen=run.step * self.tokens_per_step,
+                    bits_per_byte=sum(recent) / len(recent) / LN2,
+                    tokens_per_second=tokens_per_s,
+                )
+            bar.set_postfix(
+                loss=f"{loss:.3f}", bpb=f"{loss / LN2:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False
+            )
             bar.update(1)
             if run.horizon is None and run.step == 2:
                 calibration_start = time.perf_counter()  # the first steps pay one-off costs
@@ -227,7 +263,11 @@ class Trainer:
                 self.evaluate_and_save(tokens_per_s)
                 window_start, window_step = time.perf_counter(), run.step
         if self.evaluated_step != run.step:  # stopped by the time budget between evaluations
-            self.evaluate_and_save(self.tokens_per_step * (run.step - window_step) / max(1e-9, time.perf_counter() - window_start))
+            self.evaluate_and_save(
+                self.tokens_per_step
+                * (run.step - window_step)
+                / max(1e-9, time.perf_counter() - window_start)
+            )
         bar.close()
         return self.finish()
 
@@ -244,7 +284,13 @@ class Trainer:
             f"{seconds_per_step * 1e3:.0f} ms/step, {seconds_per_eval:.1f} s/eval: "
             f"{run.horizon} steps fit in {self.cfg.max_minutes} min"
         )
-        self.log.write(event="horizon", step=run.step, horizon=run.horizon, seconds_per_step=seconds_per_step, seconds_per_eval=seconds_per_eval)
+        self.log.write(
+            event="horizon",
+            step=run.step,
+            horizon=run.horizon,
+            seconds_per_step=seconds_per_step,
+            seconds_per_eval=seconds_per_eval,
+        )
 
     def evaluate_and_save(self, tokens_per_s: float) -> None:
         """Held-out loss; the best checkpoint so far goes to cfg.out; the resumable state is saved."""
@@ -256,8 +302,14 @@ class Trainer:
         self.window_losses.clear()
         run.last_train_bpb, self.evaluated_step = train_bpb, run.step
         record = dict(
-            event="eval", step=run.step, tokens_seen=run.step * self.tokens_per_step, lr=self.optimizer.param_groups[0]["lr"],
-            train_bits_per_byte=train_bpb, heldout_bits_per_byte=heldout, tokens_per_second=tokens_per_s, elapsed_seconds=self.elapsed(),
+            event="eval",
+            step=run.step,
+            tokens_seen=run.step * self.tokens_per_step,
+            lr=self.optimizer.param_groups[0]["lr"],
+            train_bits_per_byte=train_bpb,
+            heldout_bits_per_byte=heldout,
+            tokens_per_second=tokens_per_s,
+            elapsed_seconds=self.elapsed(),
         )
         self.log.write(**record)
         if heldout < run.best_heldout:
@@ -269,10 +321,16 @@ class Trainer:
     def summary(self, heldout: float) -> checkpoint.TrainingSummary:
         run = self.run
         return checkpoint.TrainingSummary(
-            corpus=self.corpus.sources, corpus_digest=self.corpus.digest, corpus_bytes=self.corpus.total_bytes,
-            steps=run.step, horizon_steps=run.horizon or run.step, tokens_seen=run.step * self.tokens_per_step,
-            train_bits_per_byte=run.last_train_bpb, heldout_bits_per_byte=heldout,
-            wall_seconds=self.elapsed(), seed=self.cfg.seed,
+            corpus=self.corpus.sources,
+            corpus_digest=self.corpus.digest,
+            corpus_bytes=self.corpus.total_bytes,
+            steps=run.step,
+            horizon_steps=run.horizon or run.step,
+            tokens_seen=run.step * self.tokens_per_step,
+            train_bits_per_byte=run.last_train_bpb,
+            heldout_bits_per_byte=heldout,
+            wall_seconds=self.elapsed(),
+            seed=self.cfg.seed,
         )
 
     def save_state(self) -> None:
@@ -282,14 +340,26 @@ class Trainer:
     def stop_early(self, bar: tqdm) -> TrainResult:
         self.save_state()
         bar.close()
-        print(f"stopped at step {self.run.step}; continue with: lstm-serve train --out {self.cfg.out} --resume", file=sys.stderr)
-        return TrainResult(self.run.step, self.run.step * self.tokens_per_step, self.run.best_heldout, finished=False)
+        print(
+            f"stopped at step {self.run.step}; continue with: lstm-serve train --out {self.cfg.out} --resume",
+            file=sys.stderr,
+        )
+        return TrainResult(
+            self.run.step, self.run.step * self.tokens_per_step, self.run.best_heldout, finished=False
+        )
 
     def finish(self) -> TrainResult:
         run = self.run
-        self.log.write(event="end", step=run.step, best_heldout_bits_per_byte=run.best_heldout, elapsed_seconds=self.elapsed())
+        self.log.write(
+            event="end",
+            step=run.step,
+            best_heldout_bits_per_byte=run.best_heldout,
+            elapsed_seconds=self.elapsed(),
+        )
         tokens = run.step * self.tokens_per_step
-        write_prom_file(self.cfg.run_dir / "metrics.prom", self.cfg.out.stem, run.best_heldout, tokens, self.elapsed())
+        write_prom_file(
+            self.cfg.run_dir / "metrics.prom", self.cfg.out.stem, run.best_heldout, tokens, self.elapsed()
+        )
         print(
             f"done: {run.step} steps, {run.step * self.tokens_per_step:,} tokens in {self.elapsed() / 60:.1f} min; "
             f"best held-out {run.best_heldout:.3f} bits/byte -> {self.cfg.out}",

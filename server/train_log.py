@@ -42,8 +42,18 @@ class RunLog:
         if not evals:
             return
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        ax.plot([r["tokens_seen"] / 1e6 for r in train], [r["bits_per_byte"] for r in train], label="train", alpha=0.8)
-        ax.plot([r["tokens_seen"] / 1e6 for r in evals], [r["heldout_bits_per_byte"] for r in evals], label="held-out", marker="o")
+        ax.plot(
+            [r["tokens_seen"] / 1e6 for r in train],
+            [r["bits_per_byte"] for r in train],
+            label="train",
+            alpha=0.8,
+        )
+        ax.plot(
+            [r["tokens_seen"] / 1e6 for r in evals],
+            [r["heldout_bits_per_byte"] for r in evals],
+            label="held-out",
+            marker="o",
+        )
         ax.set_xlabel("tokens seen (millions)")
         ax.set_ylabel("bits per byte")
         ax.grid(alpha=0.3)
@@ -53,7 +63,9 @@ class RunLog:
         plt.close(fig)
 
 
-def write_prom_file(path: Path, model: str, heldout_bits_per_byte: float, tokens_seen: int, seconds: float) -> None:
+def write_prom_file(
+    path: Path, model: str, heldout_bits_per_byte: float, tokens_seen: int, seconds: float
+) -> None:
     """The run's final figures as Prometheus gauges, written atomically."""
     registry = CollectorRegistry()
     figures = [
@@ -63,5 +75,7 @@ def write_prom_file(path: Path, model: str, heldout_bits_per_byte: float, tokens
         ("finished_timestamp_seconds", "Unix time the run finished", time.time()),
     ]
     for name, documentation, value in figures:
-        Gauge(f"lstm_serve_training_{name}", documentation, ["model"], registry=registry).labels(model).set(value)
+        Gauge(f"lstm_serve_training_{name}", documentation, ["model"], registry=registry).labels(model).set(
+            value
+        )
     write_to_textfile(str(path), registry)

@@ -1,9 +1,9 @@
 """The resumable state of a training run, in models/NAME.train/.
 
-    last.safetensors  the latest weights (a normal checkpoint)
-    trainer.pt        optimizer state, step, horizon, carried recurrent state, RNG state,
-                      the run's settings; tensors and plain values only, loaded with
-                      weights_only=True (nothing is unpickled)
+last.safetensors  the latest weights (a normal checkpoint)
+trainer.pt        optimizer state, step, horizon, carried recurrent state, RNG state,
+                  the run's settings; tensors and plain values only, loaded with
+                  weights_only=True (nothing is unpickled)
 """
 
 from __future__ import annotations
@@ -30,14 +30,20 @@ class RunState:
     elapsed_seconds: float = 0.0
     saved: dict = field(default_factory=dict)  # the loaded trainer.pt, until restore()
 
-    def restore(self, model: RecurrentLM, optimizer: torch.optim.Optimizer, corpus_digest: str, device: torch.device) -> None:
+    def restore(
+        self, model: RecurrentLM, optimizer: torch.optim.Optimizer, corpus_digest: str, device: torch.device
+    ) -> None:
         """Put the saved weights, optimizer, carry and RNG state back, exactly."""
         saved = self.saved
         if saved["corpus_digest"] != corpus_digest:
-            raise ValueError("the corpus changed since the run was saved (its digest differs); start a new run instead of --resume")
+            raise ValueError(
+                "the corpus changed since the run was saved (its digest differs); start a new run instead of --resume"
+            )
         last = checkpoint.load(saved["run_dir"] + "/last.safetensors")
         if last.fingerprint != saved["weights_fingerprint"]:
-            raise ValueError("last.safetensors does not belong to trainer.pt (fingerprints differ); the run folder is inconsistent")
+            raise ValueError(
+                "last.safetensors does not belong to trainer.pt (fingerprints differ); the run folder is inconsistent"
+            )
         model.load_state_dict(last.model.state_dict())
         optimizer.load_state_dict(saved["optimizer"])
         h, c = saved["carry_h"].to(device), saved.get("carry_c")
@@ -48,7 +54,9 @@ class RunState:
         self.saved = {}
 
 
-def save_run_state(cfg: TrainConfig, run: RunState, model: RecurrentLM, optimizer: torch.optim.Optimizer, corpus_digest: str) -> None:
+def save_run_state(
+    cfg: TrainConfig, run: RunState, model: RecurrentLM, optimizer: torch.optim.Optimizer, corpus_digest: str
+) -> None:
     """Write last.safetensors, then trainer.pt naming it by fingerprint (both atomically)."""
     run_dir = cfg.run_dir
     fingerprint = checkpoint.save(run_dir / "last.safetensors", model)
@@ -83,8 +91,12 @@ def load_run_state(run_dir: Path) -> tuple[TrainConfig, RunState]:
     saved["run_dir"] = str(run_dir)
     cfg = TrainConfig.model_validate_json(saved["config_json"])
     run = RunState(
-        horizon=saved["horizon"], carry=State(saved["carry_h"], saved["carry_c"]), step=saved["step"],
-        best_heldout=saved["best_heldout"], last_train_bpb=saved["last_train_bpb"],
-        elapsed_seconds=saved["elapsed_seconds"], saved=saved,
+        horizon=saved["horizon"],
+        carry=State(saved["carry_h"], saved["carry_c"]),
+        step=saved["step"],
+        best_heldout=saved["best_heldout"],
+        last_train_bpb=saved["last_train_bpb"],
+        elapsed_seconds=saved["elapsed_seconds"],
+        saved=saved,
     )
     return cfg, run

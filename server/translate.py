@@ -49,7 +49,9 @@ class Malformed:
     error: str
 
 
-def lenient(parse: Callable[[bytes], Message], max_prompt_tokens: int | None = None) -> Callable[[bytes], Message | Malformed]:
+def lenient(
+    parse: Callable[[bytes], Message], max_prompt_tokens: int | None = None
+) -> Callable[[bytes], Message | Malformed]:
     """A request deserializer that hands a parse failure to the servicer (grpc would answer
     UNKNOWN). With `max_prompt_tokens`, a message larger than any valid request with such a
     prompt is refused unparsed: a huge prompt costs no parsed copy, text or token list."""
@@ -116,7 +118,9 @@ def input_tokens(message: pb.Input, settings: ServeSettings, what: str = "prompt
         tokens = list(ids)
         bad = next((t for t in tokens if t >= tokenizer.VOCAB_SIZE), None)
         if bad is not None:
-            raise InvalidArgument(f"{what} token id {bad} is out of range: ids are 0-{tokenizer.VOCAB_SIZE - 1}")
+            raise InvalidArgument(
+                f"{what} token id {bad} is out of range: ids are 0-{tokenizer.VOCAB_SIZE - 1}"
+            )
     else:
         tokens = []
     if len(tokens) > limit:
@@ -141,19 +145,27 @@ def sampling(message: pb.SamplingOptions) -> SamplingParams:
     return params
 
 
-def generate_spec(request: pb.GenerateRequest | pb.GenerateTokensRequest, settings: ServeSettings, principal: Principal) -> GenerateSpec:
+def generate_spec(
+    request: pb.GenerateRequest | pb.GenerateTokensRequest, settings: ServeSettings, principal: Principal
+) -> GenerateSpec:
     """The generation part of a Generate request or a stream's generate command."""
     max_tokens = request.max_tokens
     limit = min(settings.max_new_tokens, principal.max_tokens_per_request or settings.max_new_tokens)
     if max_tokens > limit:
-        raise InvalidArgument(f"max_tokens {max_tokens} is above this server's limit of {limit}; ask for at most {limit}")
+        raise InvalidArgument(
+            f"max_tokens {max_tokens} is above this server's limit of {limit}; ask for at most {limit}"
+        )
     stop = tuple(request.stop)
     if len(stop) > MAX_STOP_SEQUENCES or any(not s or len(s) > MAX_STOP_LENGTH for s in stop):
-        raise InvalidArgument(f"stop takes at most {MAX_STOP_SEQUENCES} non-empty sequences of at most {MAX_STOP_LENGTH} characters")
+        raise InvalidArgument(
+            f"stop takes at most {MAX_STOP_SEQUENCES} non-empty sequences of at most {MAX_STOP_LENGTH} characters"
+        )
     return GenerateSpec(max_tokens or limit, sampling(request.sampling), stop, request.ignore_eos)
 
 
-def stream_commands(requests: AsyncIterator[pb.StreamRequest], settings: ServeSettings, principal: Principal) -> AsyncIterator[Command]:
+def stream_commands(
+    requests: AsyncIterator[pb.StreamRequest], settings: ServeSettings, principal: Principal
+) -> AsyncIterator[Command]:
     async def commands() -> AsyncIterator[Command]:
         async for request in requests:
             yield stream_command(request, settings, principal)
@@ -161,7 +173,9 @@ def stream_commands(requests: AsyncIterator[pb.StreamRequest], settings: ServeSe
     return commands()
 
 
-def stream_command(request: pb.StreamRequest | Malformed, settings: ServeSettings, principal: Principal) -> Command:
+def stream_command(
+    request: pb.StreamRequest | Malformed, settings: ServeSettings, principal: Principal
+) -> Command:
     request = parsed(request)
     kind = request.WhichOneof("kind")
     rid = request.request_id
@@ -199,28 +213,46 @@ def duration(seconds: float) -> Duration:
 
 def session_message(session: Session) -> pb.Session:
     return pb.Session(
-        id=session.id, model=session.model, model_version=session.version, seed=session.seed,
-        position=session.position, created_at=timestamp(session.created_at), expires_at=timestamp(session.expires_at),
+        id=session.id,
+        model=session.model,
+        model_version=session.version,
+        seed=session.seed,
+        position=session.position,
+        created_at=timestamp(session.created_at),
+        expires_at=timestamp(session.expires_at),
         ttl=duration(session.ttl),
         location=pb.SESSION_LOCATION_DEVICE if session.on_device else pb.SESSION_LOCATION_HOST,
-        attached=session.driver is not None, durable_position=session.durable_position,
+        attached=session.driver is not None,
+        durable_position=session.durable_position,
     )
 
 
 def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
     cfg, training = runtime.meta.model, runtime.meta.training
     return pb.ModelInfo(
-        name=runtime.name, version=runtime.version, cell=CELLS[cfg.cell], layers=cfg.layers, hidden=cfg.hidden,
-        vocab_size=cfg.vocab_size, backend=runtime.backend_name, device=str(runtime.device),
+        name=runtime.name,
+        version=runtime.version,
+        cell=CELLS[cfg.cell],
+        layers=cfg.layers,
+        hidden=cfg.hidden,
+        vocab_size=cfg.vocab_size,
+        backend=runtime.backend_name,
+        device=str(runtime.device),
         dtype=str(runtime.dtype).removeprefix("torch."),
-        heldout_bits_per_byte=training.heldout_bits_per_byte if training and math.isfinite(training.heldout_bits_per_byte) else 0.0,
-        bos_token=tokenizer.BOS, eos_token=tokenizer.EOS,
+        heldout_bits_per_byte=training.heldout_bits_per_byte
+        if training and math.isfinite(training.heldout_bits_per_byte)
+        else 0.0,
+        bos_token=tokenizer.BOS,
+        eos_token=tokenizer.EOS,
     )
 
 
 def token_message(event: TokenEvent) -> pb.Token:
     return pb.Token(
-        id=event.token, text=event.text, logprob=event.logprob, position=event.position,
+        id=event.token,
+        text=event.text,
+        logprob=event.logprob,
+        position=event.position,
         top_logprobs=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in event.top_logprobs],
         durable_position=event.durable_position,
     )
@@ -228,8 +260,11 @@ def token_message(event: TokenEvent) -> pb.Token:
 
 def finished_message(event: FinishedEvent) -> pb.Finished:
     return pb.Finished(
-        reason=FINISH_REASONS[event.reason], fed_tokens=event.fed_tokens,
-        generated_tokens=event.generated_tokens, position=event.position, durable_position=event.durable_position,
+        reason=FINISH_REASONS[event.reason],
+        fed_tokens=event.fed_tokens,
+        generated_tokens=event.generated_tokens,
+        position=event.position,
+        durable_position=event.durable_position,
     )
 
 

@@ -65,12 +65,26 @@ class ServerProcess:
     models_dir: Path | None = None
     keys: dict[str, str] = field(default_factory=dict)  # API key name -> key
     credentials: grpc.ChannelCredentials | None = None  # for a TLS server's health checks
-    launcher: list[str] = field(default_factory=lambda: [sys.executable, "-m", "server.cli"])  # the command before `serve`
+    launcher: list[str] = field(
+        default_factory=lambda: [sys.executable, "-m", "server.cli"]
+    )  # the command before `serve`
 
     def start(self, timeout: float = 60) -> ServerProcess:
-        cmd = [*self.launcher, "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", *self.args]
+        cmd = [
+            *self.launcher,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            *self.args,
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env
+        )
         bound = threading.Event()
         threading.Thread(target=self._read_output, args=(bound,), daemon=True).start()
         if not bound.wait(timeout):
@@ -89,7 +103,11 @@ class ServerProcess:
                 bound.set()
 
     def health(self, service: str = "") -> int:
-        channel = grpc.secure_channel(self.target, self.credentials) if self.credentials else grpc.insecure_channel(self.target)
+        channel = (
+            grpc.secure_channel(self.target, self.credentials)
+            if self.credentials
+            else grpc.insecure_channel(self.target)
+        )
         with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
@@ -123,7 +141,10 @@ class ServerProcess:
 
 @pytest.fixture(scope="module")
 def server(models_dir) -> Iterator[ServerProcess]:
-    proc = ServerProcess(["--models-dir", str(models_dir), "--shutdown-delay", "0", "--session-ttl", "300"], models_dir=models_dir).start()
+    proc = ServerProcess(
+        ["--models-dir", str(models_dir), "--shutdown-delay", "0", "--session-ttl", "300"],
+        models_dir=models_dir,
+    ).start()
     yield proc
     proc.stop()
 
@@ -134,10 +155,16 @@ def start_server(models_dir) -> Iterator:
     started: list[ServerProcess] = []
 
     def start(
-        *args: str, env: dict[str, str] | None = None, models: Path | None = None, credentials=None, launcher: list[str] | None = None
+        *args: str,
+        env: dict[str, str] | None = None,
+        models: Path | None = None,
+        credentials=None,
+        launcher: list[str] | None = None,
     ) -> ServerProcess:
         models = models or models_dir
-        proc = ServerProcess(["--models-dir", str(models), *args], env or {}, models_dir=models, credentials=credentials)
+        proc = ServerProcess(
+            ["--models-dir", str(models), *args], env or {}, models_dir=models, credentials=credentials
+        )
         if launcher is not None:
             proc.launcher = launcher
         proc.start()
@@ -149,7 +176,12 @@ def start_server(models_dir) -> Iterator:
         proc.stop()
 
 
-API_KEYS = {"alice": "alice-secret-key", "bob": "bob-secret-key", "limited": "limited-key", "queued": "queued-key"}
+API_KEYS = {
+    "alice": "alice-secret-key",
+    "bob": "bob-secret-key",
+    "limited": "limited-key",
+    "queued": "queued-key",
+}
 
 
 @pytest.fixture(scope="module")

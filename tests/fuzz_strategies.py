@@ -24,6 +24,7 @@ from server import blob
 from server.blob import SessionBlob
 from tests.conftest import TINY_MODELS
 
+
 @dataclass(frozen=True)
 class Ref:
     """The id of a session the example created (index modulo their number), resolved at run time."""
@@ -48,11 +49,16 @@ texts = st.one_of(
 )
 uint32s = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 2**31, 2**32 - 1]))
 uint64s = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**63, 2**64 - 1]))
-wild_floats = st.one_of(st.floats(width=32), st.sampled_from([math.nan, math.inf, -math.inf, -1.0, 0.0, 3e38, 1e-45]))
+wild_floats = st.one_of(
+    st.floats(width=32), st.sampled_from([math.nan, math.inf, -math.inf, -1.0, 0.0, 3e38, 1e-45])
+)
 durations = mostly(
     st.builds(Duration, seconds=st.integers(0, 5), nanos=st.integers(1, 999_999_999)),
-    st.builds(Duration, seconds=st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, 7 * 24 * 3600, 2**63 - 1])),
-              nanos=st.integers(-(2**31), 2**31 - 1)),
+    st.builds(
+        Duration,
+        seconds=st.one_of(st.integers(-(2**63), 2**63 - 1), st.sampled_from([0, 7 * 24 * 3600, 2**63 - 1])),
+        nanos=st.integers(-(2**31), 2**31 - 1),
+    ),
 )
 refs = st.builds(Ref, st.integers(0, 3))
 session_ids = mostly(refs, st.one_of(st.text("0123456789abcdef", min_size=32, max_size=32), texts))
@@ -60,8 +66,10 @@ models = mostly(st.sampled_from(list(TINY_MODELS)), texts)
 versions = mostly(st.just(""), st.one_of(st.text("0123456789abcdef", max_size=12), texts))
 token_ids = mostly(st.lists(st.integers(0, 257), min_size=1, max_size=80), st.lists(uint32s, max_size=80))
 inputs = mostly(
-    st.one_of(st.builds(lambda text: pb.Input(text=text), st.text(min_size=1, max_size=40)),
-              st.builds(lambda ids: pb.Input(tokens=pb.TokenIds(ids=ids)), token_ids)),
+    st.one_of(
+        st.builds(lambda text: pb.Input(text=text), st.text(min_size=1, max_size=40)),
+        st.builds(lambda ids: pb.Input(tokens=pb.TokenIds(ids=ids)), token_ids),
+    ),
     st.one_of(st.builds(lambda text: pb.Input(text=text), texts), st.just(pb.Input())),
 )
 sampling = st.builds(
@@ -70,7 +78,9 @@ sampling = st.builds(
     mostly(st.integers(0, 300), uint32s),
     mostly(st.none() | st.floats(0, 1, exclude_min=True, width=32), wild_floats, odds=8),
 )
-max_tokens = mostly(st.integers(0, 6), st.sampled_from([4096, 4097, 2**32 - 1]))  # 0: the server's limit (4096)
+max_tokens = mostly(
+    st.integers(0, 6), st.sampled_from([4096, 4097, 2**32 - 1])
+)  # 0: the server's limit (4096)
 stops = mostly(st.lists(st.text(min_size=1, max_size=4), max_size=3), st.lists(texts, max_size=18))
 request_ids = st.one_of(st.sampled_from(["", "a", "b"]), st.text(max_size=8))
 
@@ -79,22 +89,47 @@ request_ids = st.one_of(st.sampled_from(["", "a", "b"]), st.text(max_size=8))
 unary_calls = st.one_of(
     st.just(("ListModels", {})),
     st.just(("ListSessions", {})),
-    st.fixed_dictionaries({"model": models, "model_version": versions, "seed": st.none() | uint64s, "ttl": st.none() | durations})
-    .map(lambda f: ("CreateSession", f)),
-    st.fixed_dictionaries({"session_id": session_ids, "tokens_after": st.none() | st.integers(0, 8) | uint64s})
-    .map(lambda f: ("GetSession", f)),
-    *[st.fixed_dictionaries({"session_id": session_ids}).map(lambda f, m=m: (m, f)) for m in ("DeleteSession", "ResetSession", "ExportSession")],
-    st.fixed_dictionaries({"session_id": session_ids, "seed": st.none() | uint64s, "ttl": st.none() | durations})
-    .map(lambda f: ("ForkSession", f)),
+    st.fixed_dictionaries(
+        {
+            "model": models,
+            "model_version": versions,
+            "seed": st.none() | uint64s,
+            "ttl": st.none() | durations,
+        }
+    ).map(lambda f: ("CreateSession", f)),
+    st.fixed_dictionaries(
+        {"session_id": session_ids, "tokens_after": st.none() | st.integers(0, 8) | uint64s}
+    ).map(lambda f: ("GetSession", f)),
+    *[
+        st.fixed_dictionaries({"session_id": session_ids}).map(lambda f, m=m: (m, f))
+        for m in ("DeleteSession", "ResetSession", "ExportSession")
+    ],
+    st.fixed_dictionaries(
+        {"session_id": session_ids, "seed": st.none() | uint64s, "ttl": st.none() | durations}
+    ).map(lambda f: ("ForkSession", f)),
 )
-generate_calls = st.fixed_dictionaries({
-    "session_id": mostly(refs, st.one_of(st.just(""), session_ids)), "model": models, "model_version": versions,
-    "prompt": inputs, "sampling": sampling, "max_tokens": max_tokens, "stop": stops,
-    "seed": mostly(st.none(), uint64s), "takeover": st.booleans(),
-})
+generate_calls = st.fixed_dictionaries(
+    {
+        "session_id": mostly(refs, st.one_of(st.just(""), session_ids)),
+        "model": models,
+        "model_version": versions,
+        "prompt": inputs,
+        "sampling": sampling,
+        "max_tokens": max_tokens,
+        "stop": stops,
+        "seed": mostly(st.none(), uint64s),
+        "takeover": st.booleans(),
+    }
+)
 stream_fields = {
     "open": st.fixed_dictionaries({"session_id": session_ids, "takeover": st.booleans()}),
-    "feed": st.fixed_dictionaries({"input": inputs, "return_logprobs": st.booleans(), "top_logprobs": mostly(st.integers(0, 20), uint32s)}),
+    "feed": st.fixed_dictionaries(
+        {
+            "input": inputs,
+            "return_logprobs": st.booleans(),
+            "top_logprobs": mostly(st.integers(0, 20), uint32s),
+        }
+    ),
     "generate": st.fixed_dictionaries({"max_tokens": max_tokens, "sampling": sampling, "stop": stops}),
     "none": st.just({}),
 }
@@ -104,20 +139,38 @@ stream_fields = {
 def stream_scripts(draw) -> list[tuple[str, str, dict]]:
     """(request id, kind, fields) messages: mostly an `open` first, fresh ids and cancels of
     earlier requests; sometimes no open, several opens, reused or empty ids, unknown targets."""
-    first = draw(mostly(st.tuples(refs, st.booleans()).map(lambda r: ("open", "open", {"session_id": r[0], "takeover": r[1]})),
-                        st.sampled_from(list(stream_fields)).flatmap(lambda k: stream_fields[k].map(lambda f: ("x", k, f)))))
+    first = draw(
+        mostly(
+            st.tuples(refs, st.booleans()).map(
+                lambda r: ("open", "open", {"session_id": r[0], "takeover": r[1]})
+            ),
+            st.sampled_from(list(stream_fields)).flatmap(
+                lambda k: stream_fields[k].map(lambda f: ("x", k, f))
+            ),
+        )
+    )
     script = [first]
     for _ in range(draw(st.integers(0, 8))):
-        kind = draw(mostly(st.sampled_from(["feed", "generate", "cancel"]), st.sampled_from(["open", "none"]), odds=10))
+        kind = draw(
+            mostly(
+                st.sampled_from(["feed", "generate", "cancel"]), st.sampled_from(["open", "none"]), odds=10
+            )
+        )
         if kind == "cancel":
-            fields = {"target_request_id": draw(mostly(st.sampled_from([rid for rid, _, _ in script]), request_ids))}
+            fields = {
+                "target_request_id": draw(mostly(st.sampled_from([rid for rid, _, _ in script]), request_ids))
+            }
         else:
             fields = draw(stream_fields[kind])
         script.append((draw(mostly(st.just(f"r{len(script)}"), request_ids, odds=10)), kind, fields))
     return script
 
 
-BAD_UTF8 = [b"\x0a\x02\xff\xfe", b"\x12\x01\x80", b"\x0a\x03\xed\xa0\x80"]  # a string field 1 or 2 that is not UTF-8
+BAD_UTF8 = [
+    b"\x0a\x02\xff\xfe",
+    b"\x12\x01\x80",
+    b"\x0a\x03\xed\xa0\x80",
+]  # a string field 1 or 2 that is not UTF-8
 raw_payloads = st.lists(st.one_of(st.binary(max_size=64), st.sampled_from(BAD_UTF8)), min_size=1, max_size=4)
 
 # ---- strategies: ImportSession blobs ----------------------------------------------------------
@@ -144,7 +197,13 @@ class Forged:
         real = exports[self.model]
         state = exports[self.state].state if isinstance(self.state, str) else self.state
         logits = None if self.logits is None else np.array(self.logits, dtype=np.float32)
-        changes = {"position": self.position, "seed": self.seed, "state": state, "logits": logits, "extra": self.extra}
+        changes = {
+            "position": self.position,
+            "seed": self.seed,
+            "state": state,
+            "logits": logits,
+            "extra": self.extra,
+        }
         return blob.pack(replace(real, **{k: v for k, v in changes.items() if v is not None}))
 
 
@@ -173,11 +232,21 @@ class Raw:
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
 )
-header_fields = st.fixed_dictionaries({
-    k: st.one_of(st.integers(-5, 2**70), json_values) for k in ("state_bytes", "logits_bytes", "position", "seed")
-} | {"model": json_values, "fingerprint": json_values, "format_version": st.one_of(st.just(1), json_values), "extra": json_values})
+header_fields = st.fixed_dictionaries(
+    {
+        k: st.one_of(st.integers(-5, 2**70), json_values)
+        for k in ("state_bytes", "logits_bytes", "position", "seed")
+    }
+    | {
+        "model": json_values,
+        "fingerprint": json_values,
+        "format_version": st.one_of(st.just(1), json_values),
+        "extra": json_values,
+    }
+)
 headers = st.one_of(
     header_fields.map(lambda h: json.dumps(h).encode()),
     json_values.map(lambda v: json.dumps(v).encode()),
@@ -193,13 +262,22 @@ garbage_blobs = st.one_of(
 )
 blob_recipes = mostly(
     st.builds(
-        Forged, blob_models,
-        position=mostly(st.none() | st.integers(0, 10**6), st.integers(-(2**65), 2**65) | st.sampled_from([2**62, 2**63 - 1, 2**64 - 1])),
+        Forged,
+        blob_models,
+        position=mostly(
+            st.none() | st.integers(0, 10**6),
+            st.integers(-(2**65), 2**65) | st.sampled_from([2**62, 2**63 - 1, 2**64 - 1]),
+        ),
         seed=mostly(st.none() | uint64s, st.integers(-(2**65), 2**65) | st.sampled_from([-1, 2**64])),
         state=mostly(st.none(), st.binary(max_size=64) | blob_models),
-        logits=mostly(st.none(), st.lists(wild_floats, max_size=4).map(tuple) | st.sampled_from([(math.nan,) * 258, (-math.inf,) * 258])),
+        logits=mostly(
+            st.none(),
+            st.lists(wild_floats, max_size=4).map(tuple)
+            | st.sampled_from([(math.nan,) * 258, (-math.inf,) * 258]),
+        ),
         extra=st.dictionaries(st.text(max_size=5), json_values, max_size=3),
     ),
-    garbage_blobs, odds=2,
+    garbage_blobs,
+    odds=2,
 )
 import_calls = st.tuples(blob_recipes, st.none() | durations)

@@ -38,7 +38,11 @@ class StepHarness:
         self.slots = taken[::2]
         self.pool.parity[self.slots[::2]] = 1
         h = torch.randn(layers, live, hidden, generator=self.gen, dtype=torch.float64) * 0.5
-        c = torch.randn(layers, live, hidden, generator=self.gen, dtype=torch.float64) if cell == "lstm" else None
+        c = (
+            torch.randn(layers, live, hidden, generator=self.gen, dtype=torch.float64)
+            if cell == "lstm"
+            else None
+        )
         self.pool.write(self.slots, State(h.float(), None if c is None else c.float()))
         rows = self.pool.capacity + 1
         self.ref_h = torch.zeros(layers, rows, hidden, dtype=torch.float64)

@@ -43,10 +43,17 @@ def create(stub, model: str = "tiny", seed: int | None = 7, ttl: float | None = 
     return stub.CreateSession(request, timeout=30).session
 
 
-def generate(stub, session_id: str = "", prompt: str = "", max_tokens: int = 16, temperature: float = 1.0, **fields) -> tuple[list[int], pb.Finished]:
+def generate(
+    stub, session_id: str = "", prompt: str = "", max_tokens: int = 16, temperature: float = 1.0, **fields
+) -> tuple[list[int], pb.Finished]:
     """Run a Generate call to the end: (token ids, the finished event)."""
-    request = pb.GenerateRequest(session_id=session_id, prompt=pb.Input(text=prompt), max_tokens=max_tokens,
-                                 sampling=pb.SamplingOptions(temperature=temperature), **fields)
+    request = pb.GenerateRequest(
+        session_id=session_id,
+        prompt=pb.Input(text=prompt),
+        max_tokens=max_tokens,
+        sampling=pb.SamplingOptions(temperature=temperature),
+        **fields,
+    )
     tokens, finished = [], None
     for response in stub.Generate(request, timeout=60):
         if response.HasField("token"):
@@ -61,9 +68,13 @@ def feed_request(request_id: str, text: str = "", ids: list[int] | None = None, 
     return pb.StreamRequest(request_id=request_id, feed=pb.FeedRequest(input=feed_input, **fields))
 
 
-def generate_request(request_id: str, max_tokens: int, temperature: float = 1.0, **sampling) -> pb.StreamRequest:
+def generate_request(
+    request_id: str, max_tokens: int, temperature: float = 1.0, **sampling
+) -> pb.StreamRequest:
     options = pb.SamplingOptions(temperature=temperature, **sampling)
-    return pb.StreamRequest(request_id=request_id, generate=pb.GenerateTokensRequest(max_tokens=max_tokens, sampling=options))
+    return pb.StreamRequest(
+        request_id=request_id, generate=pb.GenerateTokensRequest(max_tokens=max_tokens, sampling=options)
+    )
 
 
 def open_request(session_id: str, takeover: bool = False) -> pb.StreamRequest:
@@ -97,7 +108,9 @@ class LiveStream:
         raise AssertionError(f"stream ended before {request_id} finished")
 
 
-def run_stream(stub, session_id: str, requests: list[pb.StreamRequest], timeout: float = 60) -> list[pb.StreamResponse]:
+def run_stream(
+    stub, session_id: str, requests: list[pb.StreamRequest], timeout: float = 60
+) -> list[pb.StreamResponse]:
     """Open, send every request, half-close, and collect all responses."""
     return list(stub.Stream(iter([open_request(session_id), *requests]), timeout=timeout))
 

@@ -20,7 +20,9 @@ def model() -> RecurrentLM:
 
 def write_raw(path, tensors, config=CONFIG, **meta_overrides):
     """A checkpoint file built by hand, to reach each refusal."""
-    meta = CheckpointMeta(format_version=1, model=config, fingerprint=checkpoint.fingerprint(tensors)).model_dump(mode="json")
+    meta = CheckpointMeta(
+        format_version=1, model=config, fingerprint=checkpoint.fingerprint(tensors)
+    ).model_dump(mode="json")
     meta.update(meta_overrides)
     path.write_bytes(save_safetensors(tensors, metadata={"lstm_serve": json.dumps(meta)}))
     return path
@@ -32,8 +34,16 @@ def tensors_of(model):
 
 def test_round_trip_keeps_weights_config_and_fingerprint(tmp_path, model):
     training = checkpoint.TrainingSummary(
-        corpus=["x"], corpus_digest="d" * 64, corpus_bytes=10, steps=5, horizon_steps=5, tokens_seen=50,
-        train_bits_per_byte=3.0, heldout_bits_per_byte=3.5, wall_seconds=1.0, seed=7,
+        corpus=["x"],
+        corpus_digest="d" * 64,
+        corpus_bytes=10,
+        steps=5,
+        horizon_steps=5,
+        tokens_seen=50,
+        train_bits_per_byte=3.0,
+        heldout_bits_per_byte=3.5,
+        wall_seconds=1.0,
+        seed=7,
     )
     fp = checkpoint.save(tmp_path / "m.safetensors", model, training)
     loaded = checkpoint.load(tmp_path / "m.safetensors")
@@ -126,7 +136,9 @@ def test_extra_tensor_is_refused(tmp_path, model):
 def test_shape_disagreeing_with_config_is_refused(tmp_path, model):
     tensors = tensors_of(model)
     tensors["head.weight"] = torch.zeros(258, 13)
-    with pytest.raises(CheckpointError, match=r"head.weight has shape \[258, 13\], the config needs \[258, 12\]"):
+    with pytest.raises(
+        CheckpointError, match=r"head.weight has shape \[258, 13\], the config needs \[258, 12\]"
+    ):
         checkpoint.load(write_raw(tmp_path / "m.safetensors", tensors))
 
 

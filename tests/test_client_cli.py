@@ -19,11 +19,18 @@ TINY = "tiny"
 LSTM_CLIENT = [sys.executable, "-m", "client.cli"]
 
 
-def lstm_client(target: str, *args: str, input: str | None = None, env: dict[str, str] | None = None,
-                timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def lstm_client(
+    target: str, *args: str, input: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*LSTM_CLIENT, "--target", target, *args], cwd=ROOT, input=input, capture_output=True, text=True,
-        encoding="utf-8", timeout=timeout, env={**os.environ, **(env or {})},
+        [*LSTM_CLIENT, "--target", target, *args],
+        cwd=ROOT,
+        input=input,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -54,7 +61,9 @@ def session_ids(target: str) -> set[str]:
 
 def test_health_and_models(server):
     assert ok(lstm_client(server.target, "health")) == "SERVING\n"
-    assert json.loads(ok(lstm_client(server.target, "health", "--json", "--service", "lstmserve.v1.LstmServeService"))) == {"status": "SERVING"}
+    assert json.loads(
+        ok(lstm_client(server.target, "health", "--json", "--service", "lstmserve.v1.LstmServeService"))
+    ) == {"status": "SERVING"}
     assert "not found" in one_line_error(lstm_client(server.target, "health", "--service", "no.such.Service"))
     table = ok(lstm_client(server.target, "models"))
     assert table.startswith("NAME") and TINY in table and "tiny-rnn" in table
@@ -65,8 +74,23 @@ def test_health_and_models(server):
 def test_generate_prints_the_first_piece_before_the_last_token_is_generated(server):
     n = 300  # all of them, whatever the random model samples (a random seed)
     proc = subprocess.Popen(
-        [*LSTM_CLIENT, "--target", server.target, "generate", "--new-session", "--model", TINY, "--max-tokens", str(n), "--ignore-eos", "hello"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+        [
+            *LSTM_CLIENT,
+            "--target",
+            server.target,
+            "generate",
+            "--new-session",
+            "--model",
+            TINY,
+            "--max-tokens",
+            str(n),
+            "--ignore-eos",
+            "hello",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
     )
     with Client(server.target) as client:
         session_id = proc.stderr.readline().decode().strip()  # printed before generating
@@ -80,22 +104,50 @@ def test_generate_prints_the_first_piece_before_the_last_token_is_generated(serv
 
 
 def test_generate_new_session_then_continue_it(server):
-    result = lstm_client(server.target, "generate", "--new-session", "--model", TINY, "--seed", "7", "--max-tokens", "5", "--json", "ab")
+    result = lstm_client(
+        server.target,
+        "generate",
+        "--new-session",
+        "--model",
+        TINY,
+        "--seed",
+        "7",
+        "--max-tokens",
+        "5",
+        "--json",
+        "ab",
+    )
     events = jsonl(ok(result))
     session_id = result.stderr.strip()
     first = events[-1]["finished"]
     assert events[-1]["session_id"] == session_id and all("token" in e for e in events[:-1])
     assert first["generated_tokens"] == len(events) - 1 and first["position"] == 3 + first["generated_tokens"]
 
-    events = jsonl(ok(lstm_client(server.target, "generate", "--session", session_id, "--max-tokens", "3", "--json")))
+    events = jsonl(
+        ok(lstm_client(server.target, "generate", "--session", session_id, "--max-tokens", "3", "--json"))
+    )
     second = events[-1]["finished"]
     assert second["position"] == first["position"] + second["generated_tokens"]
-    assert json.loads(ok(lstm_client(server.target, "--json", "sessions", "show", session_id)))["position"] == second["position"]
+    assert (
+        json.loads(ok(lstm_client(server.target, "--json", "sessions", "show", session_id)))["position"]
+        == second["position"]
+    )
     ok(lstm_client(server.target, "sessions", "delete", session_id))
 
 
 def test_generate_is_reproducible_and_honours_stop(server):
-    args = ("generate", "--model", TINY, "--seed", "3", "--max-tokens", "40", "--ignore-eos", "--json", "hello")
+    args = (
+        "generate",
+        "--model",
+        TINY,
+        "--seed",
+        "3",
+        "--max-tokens",
+        "40",
+        "--ignore-eos",
+        "--json",
+        "hello",
+    )
     first, second = (jsonl(ok(lstm_client(server.target, *args))) for _ in range(2))
     assert [e.get("token") for e in first] == [e.get("token") for e in second]
     assert first[-1]["finished"]["generated_tokens"] == 40 and first[-1]["finished"]["reason"] == "length"
@@ -105,11 +157,25 @@ def test_generate_is_reproducible_and_honours_stop(server):
     events = jsonl(ok(lstm_client(server.target, *args, "--stop", stop)))
     text = "".join(e["token"]["text"] for e in events[:-1])
     assert events[-1]["finished"]["reason"] == "stop_sequence" and text.endswith(stop)
-    assert ok(lstm_client(server.target, *args[:-2], "hello")) == ok(lstm_client(server.target, *args[:-2], "hello"))
+    assert ok(lstm_client(server.target, *args[:-2], "hello")) == ok(
+        lstm_client(server.target, *args[:-2], "hello")
+    )
 
 
 def test_chat_keeps_state_across_turns(server):
-    result = lstm_client(server.target, "chat", "--model", TINY, "--keep", "--seed", "4", "--max-tokens", "4", "--json", input="hi\nthere\n")
+    result = lstm_client(
+        server.target,
+        "chat",
+        "--model",
+        TINY,
+        "--keep",
+        "--seed",
+        "4",
+        "--max-tokens",
+        "4",
+        "--json",
+        input="hi\nthere\n",
+    )
     session_id = result.stderr.strip()
     events = jsonl(ok(result))
     turns: list[list[int]] = [[]]
@@ -125,7 +191,9 @@ def test_chat_keeps_state_across_turns(server):
     assert finished[1]["position"] == finished[0]["position"] + len("there\n") + len(turns[1])
     with Client(server.target) as client:
         assert client.get_session(session_id).position == finished[1]["position"]
-        with client.create_session(TINY, seed=4) as replay:  # the same turns on one session give the same answers
+        with client.create_session(
+            TINY, seed=4
+        ) as replay:  # the same turns on one session give the same answers
             assert ids(replay.generate("hi\n", max_tokens=4)) == turns[0]
             assert ids(replay.generate("there\n", max_tokens=4)) == turns[1]
         client.delete_session(session_id)
@@ -161,9 +229,20 @@ def test_sessions_subcommands(server, tmp_path):
     ok(lstm_client(target, "sessions", "export", session_id, str(blob)))
     imported = ok(lstm_client(target, "sessions", "import", str(blob))).strip()
     assert json.loads(ok(lstm_client(target, "--json", "sessions", "show", imported)))["position"] == position
-    piped = subprocess.run([*LSTM_CLIENT, "--target", target, "sessions", "export", session_id, "-"], cwd=ROOT, capture_output=True, timeout=60)
+    piped = subprocess.run(
+        [*LSTM_CLIENT, "--target", target, "sessions", "export", session_id, "-"],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=60,
+    )
     assert piped.returncode == 0 and piped.stdout == blob.read_bytes()
-    from_stdin = subprocess.run([*LSTM_CLIENT, "--target", target, "sessions", "import", "-"], cwd=ROOT, input=piped.stdout, capture_output=True, timeout=60)
+    from_stdin = subprocess.run(
+        [*LSTM_CLIENT, "--target", target, "sessions", "import", "-"],
+        cwd=ROOT,
+        input=piped.stdout,
+        capture_output=True,
+        timeout=60,
+    )
     assert from_stdin.returncode == 0
     imported_too = from_stdin.stdout.decode().strip()
 
@@ -173,15 +252,18 @@ def test_sessions_subcommands(server, tmp_path):
     assert not {session_id, fork, imported, imported_too} & session_ids(target)
 
 
-@pytest.mark.parametrize(("args", "words", "returncode"), [
-    (("sessions", "show", "0" * 32), "not found", 1),
-    (("sessions", "delete", "0" * 32), "not found", 1),
-    (("generate", "--model", "no-such-model", "x"), "", 1),
-    (("generate", "--model", TINY, "--top-p", "5", "x"), "invalid argument", 1),
-    (("generate", "--model", TINY, "--max-tokens", "10000000", "x"), "invalid argument", 1),
-    (("sessions", "import", "-"), "", 1),  # stdin is empty: not an exported session
-    (("generate", "x"), "choose a model", 2),  # two models are served
-])
+@pytest.mark.parametrize(
+    ("args", "words", "returncode"),
+    [
+        (("sessions", "show", "0" * 32), "not found", 1),
+        (("sessions", "delete", "0" * 32), "not found", 1),
+        (("generate", "--model", "no-such-model", "x"), "", 1),
+        (("generate", "--model", TINY, "--top-p", "5", "x"), "invalid argument", 1),
+        (("generate", "--model", TINY, "--max-tokens", "10000000", "x"), "invalid argument", 1),
+        (("sessions", "import", "-"), "", 1),  # stdin is empty: not an exported session
+        (("generate", "x"), "choose a model", 2),  # two models are served
+    ],
+)
 def test_errors_are_one_line_with_a_nonzero_exit(server, args, words, returncode):
     result = lstm_client(server.target, *args, input="")
     assert words in one_line_error(result, returncode) and "Traceback" not in result.stderr
@@ -193,11 +275,26 @@ def test_api_keys(auth_server):
     assert "unauthenticated" in one_line_error(lstm_client(target, "models"))
     assert "unauthenticated" in one_line_error(lstm_client(target, "--api-key", "wrong-key", "models"))
     assert TINY in ok(lstm_client(target, "models", "--api-key", key))
-    ok(lstm_client(target, "generate", "--model", TINY, "--max-tokens", "2", "x", env={"LSTM_CLIENT_API_KEY": key}))
+    ok(
+        lstm_client(
+            target, "generate", "--model", TINY, "--max-tokens", "2", "x", env={"LSTM_CLIENT_API_KEY": key}
+        )
+    )
 
 
 def test_interrupt_exits_130_and_closed_stdout_exits_quietly(server):
-    command = [*LSTM_CLIENT, "--target", server.target, "generate", "--model", TINY, "--max-tokens", "1000", "--ignore-eos", "hi"]
+    command = [
+        *LSTM_CLIENT,
+        "--target",
+        server.target,
+        "generate",
+        "--model",
+        TINY,
+        "--max-tokens",
+        "1000",
+        "--ignore-eos",
+        "hi",
+    ]
 
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
     assert proc.stdout.read(1)
@@ -214,8 +311,23 @@ def test_interrupt_exits_130_and_closed_stdout_exits_quietly(server):
 
 def test_bench_reports_throughput_and_latency(server):
     before = session_ids(server.target)
-    result = lstm_client(server.target, "bench", "--model", TINY, "--sessions", "2", "--duration", "1.5", "--max-tokens", "8",
-                         "--prompt", "hi", "--json", "--no-progress", timeout=120)
+    result = lstm_client(
+        server.target,
+        "bench",
+        "--model",
+        TINY,
+        "--sessions",
+        "2",
+        "--duration",
+        "1.5",
+        "--max-tokens",
+        "8",
+        "--prompt",
+        "hi",
+        "--json",
+        "--no-progress",
+        timeout=120,
+    )
     report = json.loads(ok(result))
     assert report["sessions"] == 2 and report["duration_s"] >= 1.5 and report["errors"] == {}
     assert report["requests"] >= 1 and report["tokens"] >= 1 and report["tokens_per_s"] > 0
@@ -223,7 +335,19 @@ def test_bench_reports_throughput_and_latency(server):
         assert set(report[key]) == {"p50", "p95", "p99"}
         assert 0 < report[key]["p50"] <= report[key]["p95"] <= report[key]["p99"]
 
-    result = lstm_client(server.target, "bench", "--model", TINY, "--sessions", "2", "--tokens", "40", "--max-tokens", "8", timeout=120)
+    result = lstm_client(
+        server.target,
+        "bench",
+        "--model",
+        TINY,
+        "--sessions",
+        "2",
+        "--tokens",
+        "40",
+        "--max-tokens",
+        "8",
+        timeout=120,
+    )
     assert "tokens/s" in ok(result) and "time to first token" in result.stdout
     tokens = int(result.stdout.splitlines()[1].split()[4])
     assert 1 <= tokens <= 40

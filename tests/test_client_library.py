@@ -90,7 +90,9 @@ def test_feed_with_logprobs(client):
 def test_a_prompt_given_to_generate_is_fed_first(client):
     with client.create_session(TINY, seed=5) as a, client.create_session(TINY, seed=5) as b:
         a.feed("xy")
-        assert ids(a.generate(max_tokens=10, temperature=0.8)) == ids(b.generate("xy", max_tokens=10, temperature=0.8))
+        assert ids(a.generate(max_tokens=10, temperature=0.8)) == ids(
+            b.generate("xy", max_tokens=10, temperature=0.8)
+        )
         assert a.position == b.position
 
 
@@ -126,7 +128,10 @@ def test_takeover_aborts_the_old_stream_and_resume_reattaches(client):
             s.feed("x")  # until resume()
 
         result = s.resume()  # it reports what the other stream generated meanwhile
-        assert result.position == other.position == s.position and (result.missed, result.refed) == (taken, [])
+        assert result.position == other.position == s.position and (result.missed, result.refed) == (
+            taken,
+            [],
+        )
         with pytest.raises(StatusError) as e:
             other.feed("x")
         assert e.value.code == grpc.StatusCode.ABORTED
@@ -214,7 +219,11 @@ def test_a_keys_sessions_are_invisible_to_other_keys(auth_server):
     if len(auth_server.keys) < 2:
         pytest.skip("needs two API keys")
     alice, bob = (ClientOptions(api_key=key) for key in list(auth_server.keys.values())[:2])
-    with Client(auth_server.target, alice) as a, Client(auth_server.target, bob) as b, a.create_session(TINY) as s:
+    with (
+        Client(auth_server.target, alice) as a,
+        Client(auth_server.target, bob) as b,
+        a.create_session(TINY) as s,
+    ):
         assert s.id not in {x.id for x in b.list_sessions()}
         with pytest.raises(StatusError) as e:
             b.get_session(s.id)
@@ -298,17 +307,25 @@ def test_ignore_eos_generates_past_the_end_token(client):
     past = client.generate("a", model=TINY, max_tokens=40, seed=seed, ignore_eos=True)
     longer = ids(past)
     assert longer[: len(tokens)] == tokens
-    assert past.finished.reason == pb.FINISH_REASON_LENGTH and past.finished.generated_tokens == len(longer) == 40
+    assert (
+        past.finished.reason == pb.FINISH_REASON_LENGTH
+        and past.finished.generated_tokens == len(longer) == 40
+    )
     with client.create_session(TINY, seed=seed) as s:  # a session's Stream call carries it too
         assert ids(s.generate("a", max_tokens=40, ignore_eos=True)) == longer
     for seed in range(8):  # whatever the seed: exactly max_tokens
-        assert client.generate(model=TINY, max_tokens=30, seed=seed, ignore_eos=True).wait().generated_tokens == 30
+        assert (
+            client.generate(model=TINY, max_tokens=30, seed=seed, ignore_eos=True).wait().generated_tokens
+            == 30
+        )
 
 
 async def test_async_ignore_eos(server):
     async with AsyncClient(server.target) as client:
         for seed in range(8):  # some of these end at <eos> without ignore_eos
-            assert (await client.generate(model=TINY, max_tokens=30, seed=seed, ignore_eos=True).wait()).generated_tokens == 30
+            assert (
+                await client.generate(model=TINY, max_tokens=30, seed=seed, ignore_eos=True).wait()
+            ).generated_tokens == 30
             async with await client.create_session(TINY, seed=seed) as s:
                 finished = await (await s.generate(max_tokens=30, ignore_eos=True)).wait()
                 assert (finished.reason, finished.generated_tokens) == (pb.FINISH_REASON_LENGTH, 30)

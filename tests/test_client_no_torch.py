@@ -40,14 +40,20 @@ print("ok")
 
 
 def test_client_imports_and_cli_help_without_torch_numpy_or_server():
-    result = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
 
 
 def test_importing_the_package_loads_nothing_heavy():
-    script = "import sys, client; print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google')))"
-    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    script = (
+        "import sys, client; print(sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'google')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.stdout.strip() == "[]", result.stderr
 
 

@@ -28,7 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def lstm_client(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "client.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "client.cli", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def closed_port() -> int:
@@ -54,7 +56,9 @@ def test_channel_arguments_and_metadata():
     assert args["grpc.ssl_target_name_override"] == "example" and "grpc.service_config" in args
     assert options.metadata() == (("authorization", "Bearer k"),)
     assert ClientOptions().metadata() == () and not ClientOptions().secure
-    assert ClientOptions(ca_cert=b"pem").secure and "grpc.keepalive_time_ms" not in dict(ClientOptions().channel_args())
+    assert ClientOptions(ca_cert=b"pem").secure and "grpc.keepalive_time_ms" not in dict(
+        ClientOptions().channel_args()
+    )
 
 
 def test_request_builders():
@@ -101,8 +105,14 @@ def test_percentiles_interpolate_like_numpy():
 
 
 def test_bench_report_fields():
-    result = BenchResult(BenchConfig(model="tiny", sessions=2), elapsed_s=2.0, requests=3, tokens=10,
-                         ttft_s=[0.01, 0.02], itl_s=[0.001] * 8)
+    result = BenchResult(
+        BenchConfig(model="tiny", sessions=2),
+        elapsed_s=2.0,
+        requests=3,
+        tokens=10,
+        ttft_s=[0.01, 0.02],
+        itl_s=[0.001] * 8,
+    )
     result.errors["UNAVAILABLE"] += 1
     d = result.to_dict()
     assert d["tokens_per_s"] == 5.0 and d["errors"] == {"UNAVAILABLE": 1}
@@ -124,7 +134,9 @@ def test_global_options_go_before_or_after_the_command(monkeypatch):
     monkeypatch.setenv("LSTM_CLIENT_API_KEY", "env-key")
     args = build_parser().parse_args(["sessions", "list"])
     assert (args.target, args.api_key, args.json) == ("env-host:1", "env-key", False)
-    args = build_parser().parse_args(["--json", "sessions", "show", "ID", "--target", "h:2", "--timeout", "3"])
+    args = build_parser().parse_args(
+        ["--json", "sessions", "show", "ID", "--target", "h:2", "--timeout", "3"]
+    )
     assert (args.target, args.json, args.timeout, args.session_id) == ("h:2", True, 3.0, "ID")
 
 
@@ -135,12 +147,15 @@ def test_unreachable_server_is_one_line_and_exit_1():
     assert result.stdout == ""
 
 
-@pytest.mark.parametrize("args", [
-    ["generate", "--session", "ID", "--seed", "1", "x"],
-    ["generate", "--session", "ID", "--new-session"],
-    ["bench", "--max-tokens", "0"],
-    ["no-such-command"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["generate", "--session", "ID", "--seed", "1", "x"],
+        ["generate", "--session", "ID", "--new-session"],
+        ["bench", "--max-tokens", "0"],
+        ["no-such-command"],
+    ],
+)
 def test_usage_errors_exit_2(args):
     result = lstm_client("--target", f"127.0.0.1:{closed_port()}", *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -149,7 +164,9 @@ def test_usage_errors_exit_2(args):
 def test_missing_files_are_one_line_and_exit_1(tmp_path):
     result = lstm_client("--ca-cert", str(tmp_path / "missing.pem"), "models")
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "missing.pem" in result.stderr
-    result = lstm_client("--target", f"127.0.0.1:{closed_port()}", "sessions", "import", str(tmp_path / "missing.blob"))
+    result = lstm_client(
+        "--target", f"127.0.0.1:{closed_port()}", "sessions", "import", str(tmp_path / "missing.blob")
+    )
     assert result.returncode == 1 and result.stderr.count("\n") == 1
 
 
@@ -160,15 +177,34 @@ def tls_health_server(tmp_path):
         pytest.skip("needs openssl to make a certificate")
     key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1",
-         "-subj", "/CN=lstm-test", "-addext", "subjectAltName=DNS:lstm-test"],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=lstm-test",
+            "-addext",
+            "subjectAltName=DNS:lstm-test",
+        ],
+        check=True,
+        capture_output=True,
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     servicer = health.HealthServicer()
     servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())]))
+    port = server.add_secure_port(
+        "127.0.0.1:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    )
     server.start()
     yield f"127.0.0.1:{port}", cert
     server.stop(None)
@@ -178,10 +214,15 @@ def test_tls_with_a_ca_certificate(tls_health_server):
     target, cert = tls_health_server
     with Client(target, ClientOptions(ca_cert=cert, tls_server_name="lstm-test", retry_attempts=1)) as client:
         assert client.health() == "SERVING"
-    with Client(target, ClientOptions(tls=True, timeout=5, retry_attempts=1)) as client, pytest.raises(StatusError) as e:
+    with (
+        Client(target, ClientOptions(tls=True, timeout=5, retry_attempts=1)) as client,
+        pytest.raises(StatusError) as e,
+    ):
         client.health()  # the system's roots do not trust it
     assert e.value.code == grpc.StatusCode.UNAVAILABLE
-    result = lstm_client("--target", target, "--ca-cert", str(cert), "--tls-server-name", "lstm-test", "health")
+    result = lstm_client(
+        "--target", target, "--ca-cert", str(cert), "--tls-server-name", "lstm-test", "health"
+    )
     assert result.returncode == 0 and result.stdout == "SERVING\n"
     result = lstm_client("--target", target, "--timeout", "5", "health")  # plaintext to a TLS port
     assert result.returncode == 1 and result.stderr.count("\n") == 1
@@ -189,10 +230,14 @@ def test_tls_with_a_ca_certificate(tls_health_server):
 
 def test_token_history_tracks_what_resume_needs():
     def token(rid: str, token_id: int, position: int, durable: int) -> pb.StreamResponse:
-        return pb.StreamResponse(request_id=rid, token=pb.Token(id=token_id, position=position, durable_position=durable))
+        return pb.StreamResponse(
+            request_id=rid, token=pb.Token(id=token_id, position=position, durable_position=durable)
+        )
 
     def finished(rid: str, fed: int, position: int, durable: int) -> pb.StreamResponse:
-        return pb.StreamResponse(request_id=rid, finished=pb.Finished(fed_tokens=fed, position=position, durable_position=durable))
+        return pb.StreamResponse(
+            request_id=rid, finished=pb.Finished(fed_tokens=fed, position=position, durable_position=durable)
+        )
 
     history = TokenHistory(pb.Session(id="s", position=1, durable_position=0))
     history.sent(pb.StreamRequest(request_id="1", feed=pb.FeedRequest(input=make_input("ab"))))
@@ -208,7 +253,10 @@ def test_token_history_tracks_what_resume_needs():
     history.sent(pb.StreamRequest(request_id="4", feed=pb.FeedRequest(input=make_input("xyz"))))
     history.received(finished("4", 1, 6, 3))  # cancelled after one token: only "x" was absorbed
     assert history.end == 6
-    assert history.reconcile("s", pb.Session(position=9, durable_position=9)) == ([], 6)  # ahead: fetch after 6
+    assert history.reconcile("s", pb.Session(position=9, durable_position=9)) == (
+        [],
+        6,
+    )  # ahead: fetch after 6
     history.caught_up(6, [1, 2, 3])
     assert (history.position, history.end) == (9, 9)
     history.received(token("4", 9, 10, 9))  # durable up to 9: only position 10 is kept
@@ -216,7 +264,9 @@ def test_token_history_tracks_what_resume_needs():
         history.reconcile("s", pb.Session(position=8, durable_position=8))
     assert (e.value.position, e.value.known_from) == (8, 9) and "positions 9-9 are lost" in str(e.value)
 
-    unlogged = TokenHistory(pb.Session(position=1))  # no durable position ever: the last KEEP+ tokens are kept
+    unlogged = TokenHistory(
+        pb.Session(position=1)
+    )  # no durable position ever: the last KEEP+ tokens are kept
     for position in range(2, 3 * KEEP + 2):
         unlogged.received(token("g", 1, position, 0))
     with pytest.raises(SessionDataLostError) as e:

@@ -47,7 +47,9 @@ def after_prompt(i: int) -> int:
     return 1 + len(prompt(i).encode())
 
 
-def generate(session: Session, tokens: list[int], count: int, on_token: Callable[[], None] = lambda: None) -> list[int]:
+def generate(
+    session: Session, tokens: list[int], count: int, on_token: Callable[[], None] = lambda: None
+) -> list[int]:
     """Generate until `tokens` (extended in place) holds `count`; a request that ends at <eos>
     is followed by another (the random test models sample <eos> often)."""
     while len(tokens) < count:
@@ -69,6 +71,7 @@ async def agenerate(session: AsyncSession, tokens: list[int], count: int) -> lis
 def reference(server) -> list[list[int]]:
     """Every session's generated tokens on a server that never stops."""
     with Client(server.target) as client:
+
         def run(i: int) -> list[int]:
             with client.create_session(MODEL, seed=seed(i)) as session:
                 session.feed(prompt(i))
@@ -112,7 +115,9 @@ def wait_until(condition: Callable[[], bool], timeout: float = 60, what: str = "
         time.sleep(0.02)
 
 
-def resume_and_finish(i: int, session: Session, received: list[int], client: Client) -> tuple[ResumeResult, list[int]]:
+def resume_and_finish(
+    i: int, session: Session, received: list[int], client: Client
+) -> tuple[ResumeResult, list[int]]:
     """Resume on `client`'s server; (what resume found, the session's whole generation)."""
     result = session.resume(client)
     tokens = received + result.missed
@@ -164,7 +169,7 @@ def test_crash_mid_generation_resumes_identically(start_server, reference, tmp_p
     assert count == SESSIONS and replayed > 0
     with Client(second.target) as client, ThreadPoolExecutor(SESSIONS) as pool:
         results = list(pool.map(lambda i: resume_and_finish(i, *runs[i], client), range(SESSIONS)))
-    for i, (result, tokens) in enumerate(results):
+    for i, (_, tokens) in enumerate(results):
         assert tokens == reference[i], f"session {i} diverged"
     found = [result.session for result, _ in results]
     assert any(info.position > snapshots[info.id] for info in found)  # the log replayed past a snapshot
@@ -174,7 +179,9 @@ def test_crash_mid_generation_resumes_identically(start_server, reference, tmp_p
     # below forces that case.
 
 
-async def test_graceful_restart_needs_no_reconciliation_and_a_power_cut_is_refed(start_server, reference, tmp_path):
+async def test_graceful_restart_needs_no_reconciliation_and_a_power_cut_is_refed(
+    start_server, reference, tmp_path
+):
     """SIGTERM while sessions generate: after the restart each resumes exactly where its client
     was. Then the restarted server (never fsyncing) loses its log's unsynced tail in a
     simulated power cut: resume feeds exactly those tokens again."""
@@ -203,9 +210,13 @@ async def test_graceful_restart_needs_no_reconciliation_and_a_power_cut_is_refed
     async with AsyncClient(second.target) as client:
         results = await asyncio.gather(*(s.resume(client) for s in sessions))
         for i, result in enumerate(results):
-            assert (result.refed, result.missed) == ([], []) and result.position == after_prompt(i) + len(received[i])
+            assert (result.refed, result.missed) == ([], []) and result.position == after_prompt(i) + len(
+                received[i]
+            )
             assert received[i] == reference[i][: len(received[i])]
-        unsynced = await asyncio.gather(*(agenerate(s, [], min(20, TOTAL - len(received[i]))) for i, s in enumerate(sessions)))
+        unsynced = await asyncio.gather(
+            *(agenerate(s, [], min(20, TOTAL - len(received[i]))) for i, s in enumerate(sessions))
+        )
     await asyncio.to_thread(second.stop, signal.SIGKILL)
     for segment in (state / "wal").glob("*.log"):  # the power cut: what was not fsynced is gone
         segment.write_bytes(b"")
@@ -215,7 +226,9 @@ async def test_graceful_restart_needs_no_reconciliation_and_a_power_cut_is_refed
         results = await asyncio.gather(*(s.resume(client) for s in sessions))
         for i, result in enumerate(results):
             assert (result.refed, result.missed) == (unsynced[i], [])
-        tokens = await asyncio.gather(*(agenerate(s, received[i] + unsynced[i], TOTAL) for i, s in enumerate(sessions)))
+        tokens = await asyncio.gather(
+            *(agenerate(s, received[i] + unsynced[i], TOTAL) for i, s in enumerate(sessions))
+        )
         for i in range(SESSIONS):
             assert tokens[i] == reference[i], f"session {i} diverged"
     assert sum(map(len, unsynced)) > 0
@@ -234,7 +247,9 @@ def test_damaged_files_lose_only_their_session(start_server, reference, tmp_path
         for i, session in enumerate(sessions):
             session.feed(prompt(i))
         received = [generate(s, [], first_part) for s in sessions]
-    assert first.stop(signal.SIGTERM) == 0  # every session snapshotted; the next server starts with an empty log
+    assert (
+        first.stop(signal.SIGTERM) == 0
+    )  # every session snapshotted; the next server starts with an empty log
 
     second = start_server(*flags)
     with Client(second.target) as client:

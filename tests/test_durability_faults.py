@@ -52,7 +52,9 @@ def info(stub, session_id: str, tokens_after: int | None = None) -> pb.GetSessio
 
 def endless(request_id: str = "g") -> pb.StreamRequest:
     """A generation that runs until the stream ends (the random test model's <eos> is ignored)."""
-    return pb.StreamRequest(request_id=request_id, generate=pb.GenerateTokensRequest(max_tokens=LONG, ignore_eos=True))
+    return pb.StreamRequest(
+        request_id=request_id, generate=pb.GenerateTokensRequest(max_tokens=LONG, ignore_eos=True)
+    )
 
 
 def read_until_error(live: LiveStream, tokens: list[pb.Token]) -> grpc.RpcError:
@@ -82,7 +84,17 @@ class SmallFs:
 
     @property
     def launcher(self) -> list[str]:
-        return ["nsenter", "-t", str(self.holder.pid), "-m", f"--wd={ROOT}", "--", sys.executable, "-m", "server.cli"]
+        return [
+            "nsenter",
+            "-t",
+            str(self.holder.pid),
+            "-m",
+            f"--wd={ROOT}",
+            "--",
+            sys.executable,
+            "-m",
+            "server.cli",
+        ]
 
     @property
     def view(self) -> Path:
@@ -113,7 +125,12 @@ def small_fs(tmp_path) -> Iterator[SmallFs]:
     path.mkdir()
     script = 'mount -t tmpfs -o size=4m tmpfs "$0" && echo ready && exec sleep 3600'
     try:
-        holder = subprocess.Popen(["unshare", "-m", "sh", "-c", script, str(path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        holder = subprocess.Popen(
+            ["unshare", "-m", "sh", "-c", script, str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     except FileNotFoundError:
         pytest.skip("unshare is not installed")
     line = holder.stdout.readline()
@@ -135,7 +152,9 @@ def test_a_reset_between_snapshots_comes_back_reset(start_server, tmp_path):
     session = create(stub, seed=5)
     run_stream(stub, session.id, [feed_request("f", "import os\n")])
     snapshot = state / "sessions" / f"{session.id}.snap"
-    wait_until(lambda: snapshot.exists() and blob.unpack(snapshot.read_bytes()).position == 11, what="a snapshot")
+    wait_until(
+        lambda: snapshot.exists() and blob.unpack(snapshot.read_bytes()).position == 11, what="a snapshot"
+    )
     stub.ResetSession(pb.ResetSessionRequest(session_id=session.id))
     run_stream(stub, session.id, [feed_request("f", "class Foo:")])
     assert info(stub, session.id).session.position == 11
@@ -145,7 +164,10 @@ def test_a_reset_between_snapshots_comes_back_reset(start_server, tmp_path):
 
     second = start_server(*flags)
     stub = connect(second.target)
-    assert list(info(stub, session.id, tokens_after=0).tokens) == [tokenizer.BOS, *tokenizer.encode("class Foo:")]
+    assert list(info(stub, session.id, tokens_after=0).tokens) == [
+        tokenizer.BOS,
+        *tokenizer.encode("class Foo:"),
+    ]
     reference = create(stub, seed=5)
     run_stream(stub, reference.id, [feed_request("f", "class Foo:")])
     assert generate(stub, session.id, max_tokens=12)[0] == generate(stub, reference.id, max_tokens=12)[0]
@@ -199,11 +221,15 @@ def test_a_fork_or_import_whose_snapshot_fails_is_not_registered(start_server, s
     parent = create(stub, seed=3)
     exported = stub.ExportSession(pb.ExportSessionRequest(session_id=parent.id)).blob
     small_fs.fill()
-    for call in (lambda: stub.ForkSession(pb.ForkSessionRequest(session_id=parent.id)),
-                 lambda: stub.ImportSession(pb.ImportSessionRequest(blob=exported))):
+    for call in (
+        lambda: stub.ForkSession(pb.ForkSessionRequest(session_id=parent.id)),
+        lambda: stub.ImportSession(pb.ImportSessionRequest(blob=exported)),
+    ):
         with pytest.raises(grpc.RpcError) as e:
             call()
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "No space left on device" in e.value.details()
+        assert (
+            e.value.code() == grpc.StatusCode.UNAVAILABLE and "No space left on device" in e.value.details()
+        )
     assert [s.id for s in stub.ListSessions(pb.ListSessionsRequest()).sessions] == [parent.id]
     assert metric(scrape(proc), "lstm_serve_durability_errors_total", operation="snapshot") == 2
     small_fs.free()
@@ -211,12 +237,17 @@ def test_a_fork_or_import_whose_snapshot_fails_is_not_registered(start_server, s
     assert {s.id for s in stub.ListSessions(pb.ListSessionsRequest()).sessions} == {parent.id, child.id}
 
 
-@pytest.mark.parametrize(("operation", "errno_name", "words"), [
-    ("fsync", "EIO", "Input/output error"),
-    ("write", "EIO", "Input/output error"),
-    ("write", "EROFS", "Read-only file system"),
-])
-def test_log_errors_refuse_steps_retry_on_a_new_segment_and_lose_nothing(start_server, tmp_path, operation, errno_name, words):
+@pytest.mark.parametrize(
+    ("operation", "errno_name", "words"),
+    [
+        ("fsync", "EIO", "Input/output error"),
+        ("write", "EIO", "Input/output error"),
+        ("write", "EROFS", "Read-only file system"),
+    ],
+)
+def test_log_errors_refuse_steps_retry_on_a_new_segment_and_lose_nothing(
+    start_server, tmp_path, operation, errno_name, words
+):
     """Fails before the fix: a write error advanced states past unlogged tokens, and an fsync
     error killed the fsync thread silently."""
     state, trigger = tmp_path / "state", tmp_path / "fault"
@@ -231,7 +262,9 @@ def test_log_errors_refuse_steps_retry_on_a_new_segment_and_lose_nothing(start_s
     segments = sorted(p.name for p in (state / "wal").glob("*.log"))
     trigger.write_text(f"{operation} {errno_name}")
     error = read_until_error(live, tokens)
-    assert error.code() == grpc.StatusCode.UNAVAILABLE and f"state dir write failed: {words}" in error.details()
+    assert (
+        error.code() == grpc.StatusCode.UNAVAILABLE and f"state dir write failed: {words}" in error.details()
+    )
     position = info(stub, session.id).session.position
     assert position == tokens[-1].position
     wait_until(lambda: first.health() == NOT_SERVING, timeout=5, what="NOT_SERVING")
@@ -241,7 +274,9 @@ def test_log_errors_refuse_steps_retry_on_a_new_segment_and_lose_nothing(start_s
 
     trigger.unlink()
     wait_until(lambda: first.health() == SERVING, timeout=10, what="SERVING once writes succeed")
-    assert max(p.name for p in (state / "wal").glob("*.log")) > max(segments)  # a new segment, never the failed one
+    assert max(p.name for p in (state / "wal").glob("*.log")) > max(
+        segments
+    )  # a new segment, never the failed one
     wait_until(durable_everywhere(stub, [session.id]), what="the unsynced tokens made durable")
     history = list(info(stub, session.id, tokens_after=0).tokens)
     first.stop(signal.SIGKILL)
@@ -257,7 +292,9 @@ def test_a_slow_fsync_does_not_stall_the_step_thread(start_server, tmp_path):
     were appends to wait for the fsync, each token would wait seconds and the call time out."""
     state, trigger = tmp_path / "state", tmp_path / "fault"
     flags = state_flags(state, "--fsync-interval", "0.05", "--snapshot-interval", "3600")
-    server = start_server(*flags, env={"FAULTY_DISK": str(trigger)}, launcher=[sys.executable, "-m", "tests.faulty_disk"])
+    server = start_server(
+        *flags, env={"FAULTY_DISK": str(trigger)}, launcher=[sys.executable, "-m", "tests.faulty_disk"]
+    )
     stub = connect(server.target)
     session = create(stub, seed=4)
     live = LiveStream(stub, session.id, timeout=30)
@@ -268,8 +305,10 @@ def test_a_slow_fsync_does_not_stall_the_step_thread(start_server, tmp_path):
     assert max(t.position - t.durable_position for t in tokens) >= 200  # the durable position fell behind ...
     assert server.health() == SERVING  # ... which is slowness, not a fault
     trigger.unlink()
-    wait_until(lambda: info(stub, session.id).session.durable_position >= tokens[-1].position,
-               what="the durable position after the slow fsyncs")
+    wait_until(
+        lambda: info(stub, session.id).session.durable_position >= tokens[-1].position,
+        what="the durable position after the slow fsyncs",
+    )
     assert tokens[0].position > before[-1].position
     live.close()
 
@@ -304,8 +343,23 @@ def test_a_deleted_session_never_comes_back(start_server, tmp_path):
 
 
 def serve_command(models_dir: Path, state: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "server.cli", "serve", "--models-dir", str(models_dir), "--host", "127.0.0.1",
-            "--port", "0", "--metrics-port", "0", "--state-dir", str(state), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "serve",
+        "--models-dir",
+        str(models_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--state-dir",
+        str(state),
+        *extra,
+    ]
 
 
 def refused(command: list[str]) -> str:
@@ -340,9 +394,20 @@ def test_an_unusable_state_dir_is_refused_at_start(models_dir, tmp_path, mode):
     read_only = tmp_path / "ro"
     (read_only / "state" / "sessions").mkdir(parents=True)
     script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"'
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", script, str(read_only), "true"], capture_output=True, text=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, str(read_only), "true"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         pytest.skip(f"cannot make a read-only bind mount here: {probe.stderr.strip()}")
-    line = refused(["unshare", "-m", "sh", "-c", script, str(read_only),
-                    *serve_command(models_dir, read_only / "state", "--durability", mode)])
+    line = refused(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            script,
+            str(read_only),
+            *serve_command(models_dir, read_only / "state", "--durability", mode),
+        ]
+    )
     assert "is not writable: Read-only file system" in line

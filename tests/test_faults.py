@@ -16,7 +16,13 @@ LONG = 100_000  # tokens asked for: far more than any test lets run
 
 
 def rss_kib(pid: int) -> int:
-    return int(next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("VmRSS")))
+    return int(
+        next(
+            line.split()[1]
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("VmRSS")
+        )
+    )
 
 
 def position(stub, session_id: str) -> int:
@@ -100,7 +106,10 @@ def test_sigterm_mid_stream_ends_streams_unavailable_and_the_restart_continues(s
     assert position(restarted, session.id) == said
     reference = create(restarted, seed=33)
     assert generate(restarted, reference.id, max_tokens=len(tokens))[0] == [t.id for t in tokens]
-    assert generate(restarted, session.id, max_tokens=15)[0] == generate(restarted, reference.id, max_tokens=15)[0]
+    assert (
+        generate(restarted, session.id, max_tokens=15)[0]
+        == generate(restarted, reference.id, max_tokens=15)[0]
+    )
 
 
 def test_sigterm_with_a_paused_stream_still_stops_promptly(start_server):

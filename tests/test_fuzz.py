@@ -29,18 +29,37 @@ from server.blob import SessionBlob
 from server.streams import Open, run_stream
 from tests.conftest import TINY_MODELS
 from tests.fuzz_strategies import (
-    BAD_UTF8, Forged, Mangled, Raw, Ref, generate_calls, import_calls, raw_payloads, seal, stream_scripts, unary_calls,
+    BAD_UTF8,
+    Forged,
+    Mangled,
+    Raw,
+    Ref,
+    generate_calls,
+    import_calls,
+    raw_payloads,
+    seal,
+    stream_scripts,
+    unary_calls,
 )
 from tests.stubs import connect, create, generate, in_background
 
-BAD_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DEADLINE_EXCEEDED}  # the last: a hang
+BAD_CODES = {
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}  # the last: a hang
 CALL_TIMEOUT = 30.0
 MAX_RESPONSES = 40  # read at most this many events of a streaming call, then cancel it
 LOG_ALARMS = ("Traceback", "unexpected error", "step failed", "sweep failed")
 LOG_LAG = 0.02  # seconds for the server's output to reach the fixture's reader thread
 WATCHED_SEED = 4242
 SERVICE = pb.DESCRIPTOR.services_by_name["LstmServeService"]
-STREAM_TYPES = {"open": "OpenStream", "feed": "FeedRequest", "generate": "GenerateTokensRequest", "cancel": "CancelRequest"}
+STREAM_TYPES = {
+    "open": "OpenStream",
+    "feed": "FeedRequest",
+    "generate": "GenerateTokensRequest",
+    "cancel": "CancelRequest",
+}
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -87,7 +106,9 @@ class Example:
                 self.sessions.append(response.session.id)
 
     def generate(self, fields: dict) -> None:
-        self.drain(self.env.stub.Generate(self.message(pb.GenerateRequest, fields), timeout=CALL_TIMEOUT), "Generate")
+        self.drain(
+            self.env.stub.Generate(self.message(pb.GenerateRequest, fields), timeout=CALL_TIMEOUT), "Generate"
+        )
 
     def stream(self, script: list[tuple[str, str, dict]], pause: float = 0.0) -> None:
         def requests():
@@ -134,7 +155,9 @@ class Example:
     def delete_sessions(self) -> None:
         for session_id in self.sessions:
             try:
-                self.env.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), timeout=CALL_TIMEOUT)
+                self.env.stub.DeleteSession(
+                    pb.DeleteSessionRequest(session_id=session_id), timeout=CALL_TIMEOUT
+                )
             except grpc.RpcError as e:
                 check(e, "DeleteSession")
 
@@ -148,13 +171,17 @@ def tally(what: str) -> None:
 def check(error: grpc.RpcError, method: str) -> None:
     tally(f"{method}: {error.code().name}")
     assert error.code() not in BAD_CODES, f"{method}: {error.code().name}: {error.details()}"
-    assert "Stream removed" not in error.details(), f"{method}: the transport dropped the status: {error.details()}"
+    assert "Stream removed" not in error.details(), (
+        f"{method}: the transport dropped the status: {error.details()}"
+    )
 
 
 def check_server(env: Env) -> None:
     """The server is up, the watched session unmoved, and the log has no new alarm."""
     assert env.server.proc.poll() is None, "the server died:\n" + env.server.log[-5000:]
-    position = env.stub.GetSession(pb.GetSessionRequest(session_id=env.watched), timeout=CALL_TIMEOUT).session.position
+    position = env.stub.GetSession(
+        pb.GetSessionRequest(session_id=env.watched), timeout=CALL_TIMEOUT
+    ).session.position
     assert position == env.watched_position
     time.sleep(LOG_LAG)
     lines = env.server.output[env.log_seen :]
@@ -185,7 +212,9 @@ def env(server) -> Env:
         exports[model] = blob.unpack(stub.ExportSession(pb.ExportSessionRequest(session_id=session.id)).blob)
         stub.DeleteSession(pb.DeleteSessionRequest(session_id=session.id))
     position = stub.GetSession(pb.GetSessionRequest(session_id=watched.id)).session.position
-    return Env(server, stub, watched.id, position, exports, grpc.insecure_channel(server.target), len(server.output))
+    return Env(
+        server, stub, watched.id, position, exports, grpc.insecure_channel(server.target), len(server.output)
+    )
 
 
 # ---- the fuzz tests -----------------------------------------------------------------------------
@@ -222,7 +251,9 @@ def test_import_session_blobs(env, imports, then):
 
 
 @FUZZ
-@given(script=stream_scripts(), calls=st.lists(unary_calls, min_size=1, max_size=5), streams=st.integers(1, 2))
+@given(
+    script=stream_scripts(), calls=st.lists(unary_calls, min_size=1, max_size=5), streams=st.integers(1, 2)
+)
 def test_unary_calls_while_streaming(env, script, calls, streams):
     def body(ex: Example) -> None:
         threads = [in_background(ex.stream, script, 0.002) for _ in range(streams)]
@@ -260,7 +291,9 @@ def test_blob_headers_that_break_the_json_parser(env):
     """Found by the fuzzer: INTERNAL (RecursionError, OverflowError while reading the header)."""
     for header in (b"[" * 5000 + b"]" * 5000, b'{"state_bytes": 1e999}'):
         request = pb.ImportSessionRequest(blob=seal(header))
-        assert "header is invalid" in expect_status(grpc.StatusCode.INVALID_ARGUMENT, env.stub.ImportSession, request)
+        assert "header is invalid" in expect_status(
+            grpc.StatusCode.INVALID_ARGUMENT, env.stub.ImportSession, request
+        )
 
 
 @pytest.mark.parametrize("position, seed", [(1, -1), (1, 2**64), (-1, 1), (2**63, 1)])
@@ -268,27 +301,42 @@ def test_blob_position_and_seed_out_of_range(env, position, seed):
     """Found by the fuzzer: a negative or 65-bit seed or position was imported, then failed to
     fit a uint64 in the response (INTERNAL); a position near 2^63 would break sampling's int64."""
     forged = Forged("tiny", position=position, seed=seed).build(env.exports)
-    message = expect_status(grpc.StatusCode.INVALID_ARGUMENT, env.stub.ImportSession, pb.ImportSessionRequest(blob=forged))
+    message = expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT, env.stub.ImportSession, pb.ImportSessionRequest(blob=forged)
+    )
     assert "out of range" in message
 
 
 def test_blob_sections_with_a_negative_length(env):
     """Found in review: lengths that add up with one negative put the logits before the blob (INTERNAL)."""
     for pad in range(4):
-        fields = {"format_version": 1, "model": "m" * (1 + pad), "fingerprint": "f", "position": 1, "seed": 1,
-                  "state_bytes": -999, "logits_bytes": 999}
-        n = len(blob.MAGIC) + 4 + len(json.dumps(fields)) + 4  # the logits would start 4 bytes before the blob
+        fields = {
+            "format_version": 1,
+            "model": "m" * (1 + pad),
+            "fingerprint": "f",
+            "position": 1,
+            "seed": 1,
+            "state_bytes": -999,
+            "logits_bytes": 999,
+        }
+        n = (
+            len(blob.MAGIC) + 4 + len(json.dumps(fields)) + 4
+        )  # the logits would start 4 bytes before the blob
         if n % 4 == 0:
             header = json.dumps(fields | {"state_bytes": -n, "logits_bytes": n}).encode()
             break
-    message = expect_status(grpc.StatusCode.INVALID_ARGUMENT, env.stub.ImportSession, pb.ImportSessionRequest(blob=seal(header)))
+    message = expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT, env.stub.ImportSession, pb.ImportSessionRequest(blob=seal(header))
+    )
     assert "do not add up" in message
 
 
 def test_long_status_messages_are_cut_not_dropped(env):
     """Found by the fuzzer: an error quoting a long request field made a status header grpc
     refuses, so the client got RESOURCE_EXHAUSTED "Stream removed" instead of NOT_FOUND."""
-    message = expect_status(grpc.StatusCode.NOT_FOUND, env.stub.CreateSession, pb.CreateSessionRequest(model="é" * 5000))
+    message = expect_status(
+        grpc.StatusCode.NOT_FOUND, env.stub.CreateSession, pb.CreateSessionRequest(model="é" * 5000)
+    )
     assert message.startswith("unknown model") and len(message) <= 501
 
 
@@ -297,9 +345,15 @@ def test_request_bytes_with_bad_utf8(env, method):
     """Found by the fuzzer: a string field that is not UTF-8 got UNKNOWN (grpc's deserializer) or
     INTERNAL (Stream's request iterator)."""
     path = f"/{SERVICE.full_name}/{method}"
-    calls = {"CreateSession": env.raw.unary_unary, "Generate": env.raw.unary_stream, "Stream": env.raw.stream_stream}
+    calls = {
+        "CreateSession": env.raw.unary_unary,
+        "Generate": env.raw.unary_stream,
+        "Stream": env.raw.stream_stream,
+    }
     payload = BAD_UTF8[0] if method != "Stream" else iter([BAD_UTF8[0]])
-    assert "could not be parsed" in expect_status(grpc.StatusCode.INVALID_ARGUMENT, calls[method](path), payload)
+    assert "could not be parsed" in expect_status(
+        grpc.StatusCode.INVALID_ARGUMENT, calls[method](path), payload
+    )
 
 
 async def test_a_stream_cancelled_before_it_opened_detaches():

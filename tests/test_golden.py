@@ -75,12 +75,38 @@ TOP_LOGPROBS = 5  # alternatives recorded for each fed token
 LOGPROB_DECIMALS = 5
 SERVER_ENV = {"MKL_CBWR": "COMPATIBLE"}
 SERVER_FLAGS = [
-    "--backend", "torch", "--device", "cpu", "--dtype", "float32", "--threads", "2",
-    "--max-batch-size", "128", "--prefill-chunk", "64", "--shutdown-delay", "0", "--session-ttl", "300",
+    "--backend",
+    "torch",
+    "--device",
+    "cpu",
+    "--dtype",
+    "float32",
+    "--threads",
+    "2",
+    "--max-batch-size",
+    "128",
+    "--prefill-chunk",
+    "64",
+    "--shutdown-delay",
+    "0",
+    "--session-ttl",
+    "300",
 ]
 CPU_FLAGS = (  # the instruction sets that decide which kernels MKL, oneDNN, ATen and numpy run
-    "sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl",
-    "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512dq",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
 )
 
 Record = dict[str, Any]
@@ -149,8 +175,10 @@ def finished_record(finished: pb.Finished) -> Record:
 def session_record(session: pb.Session) -> Record:
     """The deterministic fields of a session (not its id, times or location)."""
     return {
-        "model": session.model, "model_version": session.model_version,
-        "seed": session.seed, "position": session.position,
+        "model": session.model,
+        "model_version": session.model_version,
+        "seed": session.seed,
+        "position": session.position,
     }
 
 
@@ -171,8 +199,12 @@ def sampling(temperature: float, top_k: int = 0, top_p: float | None = None) -> 
 def generate_call(stub, max_tokens: int, prompt: str = "", session_id: str = "", **fields: Any) -> Record:
     """A Generate call (temperature 0.8, ignore_eos) run to its end."""
     request = pb.GenerateRequest(
-        session_id=session_id, prompt=pb.Input(text=prompt), max_tokens=max_tokens,
-        sampling=sampling(TEMPERATURE), ignore_eos=True, **fields,
+        session_id=session_id,
+        prompt=pb.Input(text=prompt),
+        max_tokens=max_tokens,
+        sampling=sampling(TEMPERATURE),
+        ignore_eos=True,
+        **fields,
     )
     tokens, finished = [], None
     for response in stub.Generate(request, timeout=60):
@@ -270,18 +302,29 @@ def reset(stub, model: str) -> Record:
 
 
 RUNNERS = {
-    "greedy": greedy, "sampled": sampled, "sampled_top": sampled_top, "temporary": temporary,
-    "fork": fork, "export_import": export_import, "reset": reset,
+    "greedy": greedy,
+    "sampled": sampled,
+    "sampled_top": sampled_top,
+    "temporary": temporary,
+    "fork": fork,
+    "export_import": export_import,
+    "reset": reset,
 }
 assert tuple(RUNNERS) == SCENARIOS
 
 
 def model_record(info: pb.ModelInfo) -> Record:
     return {
-        "version": info.version, "cell": pb.Cell.Name(info.cell), "layers": info.layers,
-        "hidden": info.hidden, "vocab_size": info.vocab_size,
-        "bos_token": info.bos_token, "eos_token": info.eos_token,
-        "backend": info.backend, "device": info.device, "dtype": info.dtype,
+        "version": info.version,
+        "cell": pb.Cell.Name(info.cell),
+        "layers": info.layers,
+        "hidden": info.hidden,
+        "vocab_size": info.vocab_size,
+        "bos_token": info.bos_token,
+        "eos_token": info.eos_token,
+        "backend": info.backend,
+        "device": info.device,
+        "dtype": info.dtype,
         "heldout_bits_per_byte": info.heldout_bits_per_byte,
     }
 
@@ -362,7 +405,8 @@ def recorded() -> Record | None:
     if recorded_on != here:
         differences = "; ".join(
             f"{key}: recorded {recorded_on.get(key)!r}, here {here.get(key)!r}"
-            for key in sorted({*recorded_on, *here}) if recorded_on.get(key) != here.get(key)
+            for key in sorted({*recorded_on, *here})
+            if recorded_on.get(key) != here.get(key)
         )
         pytest.skip(
             f"golden outputs were recorded on another platform ({differences}), where floating-point "

@@ -16,7 +16,9 @@ def gpu_image_env() -> dict[str, str]:
 
 
 def test_the_simulated_image_lacks_the_grpc_health_package():
-    done = subprocess.run([sys.executable, "-c", "import grpc_health"], env=gpu_image_env(), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", "import grpc_health"], env=gpu_image_env(), capture_output=True, text=True
+    )
     assert done.returncode != 0 and "as on the GPU image" in done.stderr
 
 
@@ -30,5 +32,7 @@ def test_the_gpu_tests_collect_without_the_missing_packages():
 
 def test_the_benchmarks_import_without_the_missing_packages():
     code = "import bench.kernel_bench, bench.kernel_sweep, bench.kernel_compile"
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=gpu_image_env(), capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=gpu_image_env(), capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr

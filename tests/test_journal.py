@@ -14,7 +14,15 @@ from server import journal
 from server.config import ServeSettings
 from server.durability import Restored, extend
 from server.errors import Unavailable
-from server.journal import MAX_TOKENS_PER_RECORD, SEGMENT_MAGIC, Record, RecordKind, WriteAheadLog, encode_frame, read_segment
+from server.journal import (
+    MAX_TOKENS_PER_RECORD,
+    SEGMENT_MAGIC,
+    Record,
+    RecordKind,
+    WriteAheadLog,
+    encode_frame,
+    read_segment,
+)
 
 SID = "ab" * 16
 
@@ -35,7 +43,9 @@ def write_segment(path: Path, frames: list[list[Record]]) -> list[int]:
 
 def test_a_frame_cut_short_at_the_end_loses_its_whole_iteration(tmp_path):
     path = tmp_path / "000001.log"
-    write_segment(path, [[tokens(0, [256])], [tokens(1, [1]), Record(RecordKind.TOKENS, "cd" * 16, 5, (2,), 1)]])
+    write_segment(
+        path, [[tokens(0, [256])], [tokens(1, [1]), Record(RecordKind.TOKENS, "cd" * 16, 5, (2,), 1)]]
+    )
     path.write_bytes(path.read_bytes()[:-3])
     records, problem = read_segment(path)
     assert problem is None and records == [tokens(0, [256])]
@@ -90,7 +100,9 @@ class FlakySegment(journal.SegmentFile):
 def test_a_failed_log_refuses_appends_then_recovers_on_a_new_segment(tmp_path, monkeypatch, fault):
     monkeypatch.setattr(journal, "SegmentFile", FlakySegment)
     durable, faults, recovered = [], [], threading.Event()
-    wal = WriteAheadLog(tmp_path, 3600, durable.extend, lambda op, e: faults.append(op), recovered.set, retry_interval=0.05)
+    wal = WriteAheadLog(
+        tmp_path, 3600, durable.extend, lambda op, e: faults.append(op), recovered.set, retry_interval=0.05
+    )
     wal.append([tokens(0, [256])], ["a"])
     FlakySegment.fault = fault
     try:

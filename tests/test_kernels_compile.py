@@ -44,7 +44,9 @@ def test_every_sweep_config_compiles_for_h100_on_the_tensor_cores(tmp_path):
     # H=1000: hidden units and K padded to whole tiles; 3 kernels (2 layers, head) per config
     report = compile_report(tmp_path, "--arch", "90", "--hidden", "1000")
     assert_fits(report, kernels=3 * 8, mma="wgmma")
-    assert [r["config"]["pdl"] for r in report["rows"]] == [False] * 21 + [True] * 3  # the last one launches early
+    assert [r["config"]["pdl"] for r in report["rows"]] == [False] * 21 + [
+        True
+    ] * 3  # the last one launches early
     assert report["rows"][0]["config"] == {"block_b": 64, "block_h": 16, "block_k": 64, "block_v": 64,
                                             "num_warps": 4, "num_stages": 3, "pdl": False}  # fmt: skip
 
@@ -57,7 +59,9 @@ def test_the_default_tile_plans_compile_for_h100(tmp_path, cell):
 
 
 def test_fp16_compiles_for_a100(tmp_path):
-    report = compile_report(tmp_path, "--arch", "80", "--dtype", "fp16", "--hidden", "512", "--config", "64,16,64")
+    report = compile_report(
+        tmp_path, "--arch", "80", "--dtype", "fp16", "--hidden", "512", "--config", "64,16,64"
+    )
     assert_fits(report, kernels=3, mma="mma.sync")
 
 
@@ -69,6 +73,8 @@ def test_the_fp32_plans_compile_to_exact_fma(tmp_path, cell):
 
 def test_the_checks_fail_on_a_spilling_kernel(tmp_path):
     # the bf16 tiles on FMA units: tens of KiB of spills per thread (why fp32 has its own plan)
-    report = compile_report(tmp_path, "--cell", "rnn", "--dtype", "fp32", "--hidden", "37", "--config", "64,64,64")
+    report = compile_report(
+        tmp_path, "--cell", "rnn", "--dtype", "fp32", "--hidden", "37", "--config", "64,64,64"
+    )
     with pytest.raises(AssertionError, match="spills"):
         assert_fits(report, kernels=3, mma="fma")

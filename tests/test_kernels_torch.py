@@ -42,7 +42,9 @@ def test_slots_outside_the_batch_are_untouched(cell):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("cell,layers,hidden,embed", [("lstm", 2, 37, 11), ("rnn", 1, 45, 8), ("lstm", 1, 512, 32)])
+@pytest.mark.parametrize(
+    "cell,layers,hidden,embed", [("lstm", 2, 37, 11), ("rnn", 1, 45, 8), ("lstm", 1, 512, 32)]
+)
 def test_batch_invariance_is_bitwise(cell, layers, hidden, embed, threads):
     """A row's logits and new state are the same bits for every batch size, position and neighbours."""
     saved = torch.get_num_threads()

@@ -215,7 +215,11 @@ def test_graphs_follow_the_pool_when_it_grows():
     ref = copy.deepcopy(model).double()
     pool = StatePool(cfg, DEVICE, 2, 16)
     backend = TritonStep(model, pool, torch.float32)
-    slots, tokens, state = torch.tensor([pool.allocate(), pool.allocate()]), torch.tensor([5, 6]), ref.initial_state(2)
+    slots, tokens, state = (
+        torch.tensor([pool.allocate(), pool.allocate()]),
+        torch.tensor([5, 6]),
+        ref.initial_state(2),
+    )
     for t in range(3):
         if t == 1:
             _ = [pool.allocate() for _ in range(5)]

@@ -57,11 +57,19 @@ def test_a_scripted_workload_shows_exact_deltas(start_server):
 
     sessions_made = 1 + 4 + 1
     assert deltas(before, after, "lstm_serve_tokens_generated_total", model="tiny") == 10 + 4 * 20
-    assert deltas(before, after, "lstm_serve_tokens_fed_total", model="tiny") == sessions_made + 2  # <bos> each, "ab"
-    assert deltas(before, after, "lstm_serve_rpc_requests_total", method="CreateSession", code="OK") == sessions_made
+    assert (
+        deltas(before, after, "lstm_serve_tokens_fed_total", model="tiny") == sessions_made + 2
+    )  # <bos> each, "ab"
+    assert (
+        deltas(before, after, "lstm_serve_rpc_requests_total", method="CreateSession", code="OK")
+        == sessions_made
+    )
     assert deltas(before, after, "lstm_serve_rpc_requests_total", method="Generate", code="OK") == 5
     assert deltas(before, after, "lstm_serve_rpc_requests_total", method="GetSession", code="NOT_FOUND") == 3
-    assert deltas(before, after, "lstm_serve_rpc_requests_total", method="Generate", code="INVALID_ARGUMENT") == 1
+    assert (
+        deltas(before, after, "lstm_serve_rpc_requests_total", method="Generate", code="INVALID_ARGUMENT")
+        == 1
+    )
     assert deltas(before, after, "lstm_serve_sessions_created_total", model="tiny") == sessions_made
     assert deltas(before, after, "lstm_serve_sessions_expired_total") == 1
     assert deltas(before, after, "lstm_serve_sessions_ended_total", reason="expired") == 1
@@ -72,13 +80,20 @@ def test_a_scripted_workload_shows_exact_deltas(start_server):
     )
     assert multi_row >= 1, "no batch of 2 or more rows was recorded"
     assert metric(after, "lstm_serve_sessions", location="device") == sessions_made - 1
-    assert metric(after, "lstm_serve_model_info", name="tiny", cell="lstm", layers="2", hidden="48", backend="torch") == 1
+    assert (
+        metric(
+            after, "lstm_serve_model_info", name="tiny", cell="lstm", layers="2", hidden="48", backend="torch"
+        )
+        == 1
+    )
     assert short.id
 
 
 def test_promtool_accepts_the_scrape(server, tmp_path):
     generate(connect(server.target), create(connect(server.target)).id, max_tokens=3)
-    result = subprocess.run([tool("promtool"), "check", "metrics"], input=scrape(server), capture_output=True, text=True)
+    result = subprocess.run(
+        [tool("promtool"), "check", "metrics"], input=scrape(server), capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -111,9 +126,14 @@ def prometheus(server, tmp_path):
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     proc = subprocess.Popen(
-        [tool("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-         f"--web.listen-address=127.0.0.1:{port}"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            tool("prometheus"),
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     yield port
     proc.terminate()
@@ -148,7 +168,11 @@ def test_a_real_prometheus_scrapes_the_server_and_runs_every_dashboard_query(ser
     try:
         up = wait_for(prometheus, 'up{job="lstm-serve"}', lambda r: r and r[0]["value"][1] == "1")
         assert up[0]["metric"]["job"] == "lstm-serve"
-        rate = wait_for(prometheus, "sum(rate(lstm_serve_tokens_generated_total[10s]))", lambda r: r and float(r[0]["value"][1]) > 0)
+        rate = wait_for(
+            prometheus,
+            "sum(rate(lstm_serve_tokens_generated_total[10s]))",
+            lambda r: r and float(r[0]["value"][1]) > 0,
+        )
         assert float(rate[0]["value"][1]) > 0
         time.sleep(3)  # a few more scrapes for the 15s windows
         for query in dashboard_queries():

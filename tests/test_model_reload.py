@@ -79,12 +79,17 @@ def test_a_restored_session_whose_version_is_gone_is_kept_until_it_returns(start
 
     kept = tmp_path / "kept.safetensors"
     shutil.move(models / "tiny.safetensors", kept)
-    write_model(models / "tiny.safetensors", TINY_MODELS["tiny"], seed=98)  # a different version under the name
+    write_model(
+        models / "tiny.safetensors", TINY_MODELS["tiny"], seed=98
+    )  # a different version under the name
     proc = start_server("--state-dir", str(state), "--shutdown-delay", "0", models=models)
     stub = connect(proc.target)
     with pytest.raises(grpc.RpcError) as err:
         generate(stub, session.id, max_tokens=3)
-    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "not loaded; its data is kept" in err.value.details()
+    assert (
+        err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        and "not loaded; its data is kept" in err.value.details()
+    )
     assert stub.GetSession(pb.GetSessionRequest(session_id=session.id)).session.position == 1 + 4 + 8
     assert (state / "sessions" / f"{session.id}.snap").exists()
 

@@ -28,7 +28,9 @@ def test_noise_is_uniform_in_the_open_interval():
 
 def test_64_bit_seeds_signed_or_unsigned_and_large_positions():
     signed = uniform(np.array([-1, 2**63 - 1, -(2**63), 0]), np.array([0, 0, 0, 2**40]))
-    unsigned = uniform(np.array([2**64 - 1, 2**63 - 1, 2**63, 0], dtype=np.uint64), np.array([0, 0, 0, 2**40]))
+    unsigned = uniform(
+        np.array([2**64 - 1, 2**63 - 1, 2**63, 0], dtype=np.uint64), np.array([0, 0, 0, 2**40])
+    )
     assert len(set(signed.tolist())) == 4 and np.array_equal(signed, unsigned)
 
 

@@ -23,7 +23,11 @@ def reference(server):
 
     def tokens(seed: int, calls: tuple[int, ...] = (30,)) -> list[int]:
         session = create(stub, seed=seed)
-        return [t for i, n in enumerate(calls) for t in generate(stub, session.id, "" if i else PROMPT, max_tokens=n)[0]]
+        return [
+            t
+            for i, n in enumerate(calls)
+            for t in generate(stub, session.id, "" if i else PROMPT, max_tokens=n)[0]
+        ]
 
     return tokens
 
@@ -37,7 +41,10 @@ def test_idle_sessions_move_to_host_and_back_without_changing_tokens(start_serve
     assert locations.count(pb.SESSION_LOCATION_HOST) == 2
     with pytest.raises(grpc.RpcError) as err:
         create(stub, seed=5)
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "maximum of 4 sessions" in err.value.details()
+    assert (
+        err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        and "maximum of 4 sessions" in err.value.details()
+    )
     # taking turns forces every session off the device and back between its two halves
     first = [generate(stub, s.id, PROMPT, max_tokens=15)[0] for s in sessions]
     second = [generate(stub, s.id, max_tokens=15)[0] for s in sessions]
@@ -108,7 +115,10 @@ def test_deadline_and_disconnect_release_the_session(server):
         time.sleep(0.05)
     reopened = LiveStream(stub, session.id)  # `opened` reports the position once the last step landed
     time.sleep(0.3)
-    assert stub.GetSession(pb.GetSessionRequest(session_id=session.id)).session.position == reopened.opened.position
+    assert (
+        stub.GetSession(pb.GetSessionRequest(session_id=session.id)).session.position
+        == reopened.opened.position
+    )
     reopened.close()
 
 

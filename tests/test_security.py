@@ -43,10 +43,21 @@ def test_the_default_host_is_loopback():
     assert ServeSettings.model_fields["host"].default == "127.0.0.1"
 
 
-@pytest.mark.parametrize(("host", "loopback"), [
-    ("127.0.0.1", True), ("localhost", True), ("::1", True), ("[::1]", True), ("127.0.0.2", True),
-    ("0.0.0.0", False), ("::", False), ("[::]", False), ("10.1.2.3", False), ("example.com", False),
-])
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("127.0.0.2", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("[::]", False),
+        ("10.1.2.3", False),
+        ("example.com", False),
+    ],
+)
 def test_loopback_hosts(host, loopback):
     assert is_loopback(host) is loopback
 
@@ -79,10 +90,14 @@ def log_line(server, text: str, timeout: float = 5) -> str:
 
 
 def test_a_server_listening_beyond_loopback_warns_in_its_log(start_server, auth_server, tmp_path):
-    open_server = start_server("--host", "0.0.0.0", "--shutdown-delay", "0")  # a later --host wins over the fixture's
+    open_server = start_server(
+        "--host", "0.0.0.0", "--shutdown-delay", "0"
+    )  # a later --host wins over the fixture's
     assert open_server.target.startswith("0.0.0.0:")
     warning = log_line(open_server, NO_KEYS_WARNING)
-    assert " WARNING " in warning and "--api-keys-file" in warning and CLEAR_KEYS_WARNING not in open_server.log
+    assert (
+        " WARNING " in warning and "--api-keys-file" in warning and CLEAR_KEYS_WARNING not in open_server.log
+    )
 
     keys_file = tmp_path / "keys.yaml"
     keys_file.write_text(f"- name: alice\n  sha256: '{'0' * 64}'\n")
@@ -111,11 +126,15 @@ def peak_growth_mib(pid: int, call) -> float:
     return (memory_kib(pid, "VmHWM") - before) / 1024
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's peak memory from /proc")
+@pytest.mark.skipif(
+    not Path("/proc/self/status").exists(), reason="reads the server's peak memory from /proc"
+)
 def test_a_60_mib_prompt_is_refused_before_it_costs_memory(auth_server):
     """gRPC itself holds about three copies of a message while receiving it (its buffer, a
     bytearray, the bytes): the server adds no parsed copy, text or token list."""
-    stub = connect(auth_server.target, auth_server.keys["alice"])  # a Stream feed without the client's token history
+    stub = connect(
+        auth_server.target, auth_server.keys["alice"]
+    )  # a Stream feed without the client's token history
     prompt = "a" * (60 * MiB)  # under the 64 MiB message limit of both sides
 
     def generate() -> None:
@@ -137,8 +156,12 @@ def test_a_60_mib_prompt_is_refused_before_it_costs_memory(auth_server):
 
 def test_prompt_limits_count_utf8_bytes(auth_server):
     with client_of(auth_server, "alice") as alice:
-        for prompt, words in (("x" * 9000, "has 9000 tokens"), ("é" * 9000, "has at least 9000 tokens"),
-                              ("é" * 5000, "has 10000 tokens"), ([65] * 9000, "has 9000 tokens")):
+        for prompt, words in (
+            ("x" * 9000, "has 9000 tokens"),
+            ("é" * 9000, "has at least 9000 tokens"),
+            ("é" * 5000, "has 10000 tokens"),
+            ([65] * 9000, "has 9000 tokens"),
+        ):
             error = status_of(alice.generate, prompt, model=TINY, max_tokens=1)
             assert error.code == grpc.StatusCode.INVALID_ARGUMENT and words in error.details
             assert "the limit is 8192" in error.details
@@ -152,13 +175,20 @@ def rejected(server) -> float:
     return metric(scrape(server), "lstm_serve_sessions_rejected_total", reason="session_queue_full")
 
 
-@pytest.mark.parametrize(("key", "cap", "words"), [
-    ("alice", 16, "--max-queued-per-session"),  # the server's default
-    ("queued", 2, "max_queued_requests"),  # the key's own, lower cap
-])
+@pytest.mark.parametrize(
+    ("key", "cap", "words"),
+    [
+        ("alice", 16, "--max-queued-per-session"),  # the server's default
+        ("queued", 2, "max_queued_requests"),  # the key's own, lower cap
+    ],
+)
 def test_one_session_cannot_queue_more_than_its_cap(auth_server, key, cap, words):
     counted = rejected(auth_server)
-    with client_of(auth_server, key) as c, c.create_session(TINY, seed=1) as busy, c.create_session(TINY, seed=2) as other:
+    with (
+        client_of(auth_server, key) as c,
+        c.create_session(TINY, seed=1) as busy,
+        c.create_session(TINY, seed=2) as other,
+    ):
         # each runs to the server's token limit, and nothing is read: all stay queued or running
         streams = [busy.generate(ignore_eos=True) for _ in range(cap)]
         # meanwhile another session of the same key is served as usual
@@ -183,9 +213,18 @@ def test_another_keys_session_is_not_found_for_every_call(auth_server):
         with alice.create_session(TINY, seed=3) as mine:
             mine.feed("mine")
             mine.detach()
-            for call in (bob.fork_session, bob.export_session, bob.reset_session, bob.get_session, bob.delete_session):
+            for call in (
+                bob.fork_session,
+                bob.export_session,
+                bob.reset_session,
+                bob.get_session,
+                bob.delete_session,
+            ):
                 error = status_of(call, mine.id)
-                assert error.code == grpc.StatusCode.NOT_FOUND and error.details == f"session {mine.id} not found"
+                assert (
+                    error.code == grpc.StatusCode.NOT_FOUND
+                    and error.details == f"session {mine.id} not found"
+                )
             for takeover in (False, True):
                 error = status_of(bob.generate, "x", session_id=mine.id, max_tokens=1, takeover=takeover)
                 assert error.code == grpc.StatusCode.NOT_FOUND
@@ -206,6 +245,8 @@ def test_generate_on_a_session_with_another_model_is_invalid(auth_server):
             assert f"runs model 'tiny', not '{model}': omit model, or give 'tiny'" in error.details
         assert alice.get_session(session_id).position == 1  # nothing was fed
         for model in ("", TINY):  # no model, or the session's own
-            finished = alice.generate("x", session_id=session_id, model=model, max_tokens=1, ignore_eos=True).wait()
+            finished = alice.generate(
+                "x", session_id=session_id, model=model, max_tokens=1, ignore_eos=True
+            ).wait()
             assert finished.generated_tokens == 1
         assert alice.get_session(session_id).position == 5

@@ -207,7 +207,9 @@ def test_64_concurrent_sessions_get_their_solo_tokens_in_big_batches(stub, serve
     # every session alone again, after the crowd: identical
     for seed, tokens in list(zip(seeds, results))[8:16]:
         assert generate(stub, create(stub, seed=seed).id, "x", max_tokens=40)[0] == tokens
-    assert batches_above(scrape(server), 32) - batches_above(before, 32) > 0, "no batch of more than 32 rows was recorded"
+    assert batches_above(scrape(server), 32) - batches_above(before, 32) > 0, (
+        "no batch of more than 32 rows was recorded"
+    )
 
 
 def test_health_serving_after_load_and_not_serving_during_the_shutdown_delay(start_server):

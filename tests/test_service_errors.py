@@ -53,9 +53,24 @@ def gen_request(**fields) -> pb.GenerateRequest:
 
 
 def test_unknown_model(stub):
-    expect(grpc.StatusCode.NOT_FOUND, stub.CreateSession, pb.CreateSessionRequest(model="nope"), match="unknown model 'nope'")
-    expect(grpc.StatusCode.NOT_FOUND, stub.Generate, gen_request(model="nope"), match="loaded models: tiny, tiny-rnn")
-    expect(grpc.StatusCode.NOT_FOUND, stub.CreateSession, pb.CreateSessionRequest(model="tiny", model_version="ffff"), match="no loaded version")
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        stub.CreateSession,
+        pb.CreateSessionRequest(model="nope"),
+        match="unknown model 'nope'",
+    )
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        stub.Generate,
+        gen_request(model="nope"),
+        match="loaded models: tiny, tiny-rnn",
+    )
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        stub.CreateSession,
+        pb.CreateSessionRequest(model="tiny", model_version="ffff"),
+        match="no loaded version",
+    )
 
 
 def test_unknown_and_malformed_session_ids(stub):
@@ -70,13 +85,23 @@ def test_unknown_and_malformed_session_ids(stub):
         expect(grpc.StatusCode.NOT_FOUND, call, request, match="not found")
     expect(grpc.StatusCode.NOT_FOUND, stub.Generate, gen_request(session_id=missing), match="not found")
     expect(grpc.StatusCode.NOT_FOUND, run_stream, stub, missing, [], match="not found")
-    expect(grpc.StatusCode.INVALID_ARGUMENT, stub.GetSession, pb.GetSessionRequest(session_id="x"), match="32 lowercase hex")
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.GetSession,
+        pb.GetSessionRequest(session_id="x"),
+        match="32 lowercase hex",
+    )
 
 
 def test_expired_session_says_expired(stub):
     session = create(stub, ttl=0.3)
     time.sleep(0.8)
-    expect(grpc.StatusCode.NOT_FOUND, stub.GetSession, pb.GetSessionRequest(session_id=session.id), match="expired")
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        stub.GetSession,
+        pb.GetSessionRequest(session_id=session.id),
+        match="expired",
+    )
     expect(grpc.StatusCode.NOT_FOUND, stub.Generate, gen_request(session_id=session.id), match="expired")
 
 
@@ -90,7 +115,14 @@ def test_activity_renews_the_ttl(stub):
 
 def test_token_id_out_of_range(stub):
     session = create(stub)
-    expect(grpc.StatusCode.INVALID_ARGUMENT, run_stream, stub, session.id, [feed_request("f", ids=[65, 258])], match="token id 258")
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        run_stream,
+        stub,
+        session.id,
+        [feed_request("f", ids=[65, 258])],
+        match="token id 258",
+    )
     request = gen_request(prompt=pb.Input(tokens=pb.TokenIds(ids=[2**31])))
     expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Generate, request, match="out of range")
     assert stub.GetSession(pb.GetSessionRequest(session_id=session.id)).session.position == 1
@@ -98,9 +130,28 @@ def test_token_id_out_of_range(stub):
 
 def test_empty_and_oversized_prompts(stub):
     session = create(stub)
-    expect(grpc.StatusCode.INVALID_ARGUMENT, run_stream, stub, session.id, [feed_request("f", "")], match="feed input is empty")
-    expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Generate, gen_request(prompt=pb.Input(text="x" * 8193)), match="limit is 8192")
-    expect(grpc.StatusCode.INVALID_ARGUMENT, run_stream, stub, session.id, [feed_request("f", "y" * 9000)], match="limit is 8192")
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        run_stream,
+        stub,
+        session.id,
+        [feed_request("f", "")],
+        match="feed input is empty",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.Generate,
+        gen_request(prompt=pb.Input(text="x" * 8193)),
+        match="limit is 8192",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        run_stream,
+        stub,
+        session.id,
+        [feed_request("f", "y" * 9000)],
+        match="limit is 8192",
+    )
 
 
 @pytest.mark.parametrize(
@@ -117,27 +168,50 @@ def test_empty_and_oversized_prompts(stub):
 def test_bad_sampling_options(stub, options, match):
     expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Generate, gen_request(sampling=options), match=match)
     session = create(stub)
-    request = pb.StreamRequest(request_id="g", generate=pb.GenerateTokensRequest(max_tokens=3, sampling=options))
+    request = pb.StreamRequest(
+        request_id="g", generate=pb.GenerateTokensRequest(max_tokens=3, sampling=options)
+    )
     expect(grpc.StatusCode.INVALID_ARGUMENT, run_stream, stub, session.id, [request], match=match)
 
 
 def test_max_tokens_above_the_limit(stub):
-    expect(grpc.StatusCode.INVALID_ARGUMENT, stub.Generate, gen_request(max_tokens=4097), match="at most 4096")
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT, stub.Generate, gen_request(max_tokens=4097), match="at most 4096"
+    )
 
 
 def test_stream_protocol_errors(stub):
     session = create(stub)
     no_open = [feed_request("f", "x")]
     expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: list(stub.Stream(iter(no_open))), match="first message")
-    expect(grpc.StatusCode.INVALID_ARGUMENT, run_stream, stub, session.id, [feed_request("", "x")], match="request_id")
-    expect(grpc.StatusCode.INVALID_ARGUMENT, run_stream, stub, session.id, [pb.StreamRequest(request_id="z")], match="one of open")
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        run_stream,
+        stub,
+        session.id,
+        [feed_request("", "x")],
+        match="request_id",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        run_stream,
+        stub,
+        session.id,
+        [pb.StreamRequest(request_id="z")],
+        match="one of open",
+    )
 
 
 def test_a_second_stream_is_refused_unless_it_takes_over(stub):
     session = create(stub)
     first = LiveStream(stub, session.id)
     expect(grpc.StatusCode.FAILED_PRECONDITION, run_stream, stub, session.id, [], match="takeover")
-    expect(grpc.StatusCode.FAILED_PRECONDITION, stub.Generate, pb.GenerateRequest(session_id=session.id), match="another stream")
+    expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        stub.Generate,
+        pb.GenerateRequest(session_id=session.id),
+        match="another stream",
+    )
     second = LiveStream(stub, session.id, takeover=True)
     with pytest.raises(grpc.RpcError) as err:
         next(first.call)
@@ -153,7 +227,12 @@ def test_busy_session_cannot_be_forked_or_exported(stub):
     live = LiveStream(stub, session.id)
     live.send(generate_request("g", 4000))
     next(live.call)
-    expect(grpc.StatusCode.FAILED_PRECONDITION, stub.ForkSession, pb.ForkSessionRequest(session_id=session.id), match="wait for it")
+    expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        stub.ForkSession,
+        pb.ForkSessionRequest(session_id=session.id),
+        match="wait for it",
+    )
     live.send(pb.StreamRequest(request_id="c", cancel=pb.CancelRequest(target_request_id="g")))
     live.until_finished("g")
     live.close()
@@ -165,9 +244,24 @@ def test_corrupt_and_foreign_blobs_are_refused(stub):
     blob = stub.ExportSession(pb.ExportSessionRequest(session_id=session.id)).blob
     flipped = bytearray(blob)
     flipped[len(blob) // 2] ^= 0xFF
-    expect(grpc.StatusCode.INVALID_ARGUMENT, stub.ImportSession, pb.ImportSessionRequest(blob=bytes(flipped)), match="checksum")
-    expect(grpc.StatusCode.INVALID_ARGUMENT, stub.ImportSession, pb.ImportSessionRequest(blob=blob[:-10]), match="checksum")
-    expect(grpc.StatusCode.INVALID_ARGUMENT, stub.ImportSession, pb.ImportSessionRequest(blob=b"hello"), match="not an exported")
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.ImportSession,
+        pb.ImportSessionRequest(blob=bytes(flipped)),
+        match="checksum",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.ImportSession,
+        pb.ImportSessionRequest(blob=blob[:-10]),
+        match="checksum",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        stub.ImportSession,
+        pb.ImportSessionRequest(blob=b"hello"),
+        match="not an exported",
+    )
 
 
 def test_bad_ttls(stub):
@@ -186,15 +280,30 @@ def test_watched_session_continues_as_if_nothing_happened(stub, watched):
 
 
 def test_wrong_or_missing_api_key_is_unauthenticated(auth_server):
-    expect(grpc.StatusCode.UNAUTHENTICATED, connect(auth_server.target).ListModels, pb.ListModelsRequest(), match="missing API key")
-    expect(grpc.StatusCode.UNAUTHENTICATED, connect(auth_server.target, "wrong").ListModels, pb.ListModelsRequest(), match="invalid API key")
+    expect(
+        grpc.StatusCode.UNAUTHENTICATED,
+        connect(auth_server.target).ListModels,
+        pb.ListModelsRequest(),
+        match="missing API key",
+    )
+    expect(
+        grpc.StatusCode.UNAUTHENTICATED,
+        connect(auth_server.target, "wrong").ListModels,
+        pb.ListModelsRequest(),
+        match="invalid API key",
+    )
 
 
 def test_a_foreign_session_is_not_found(auth_server):
     alice = connect(auth_server.target, auth_server.keys["alice"])
     bob = connect(auth_server.target, auth_server.keys["bob"])
     session = create(alice)
-    expect(grpc.StatusCode.NOT_FOUND, bob.GetSession, pb.GetSessionRequest(session_id=session.id), match="not found")
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        bob.GetSession,
+        pb.GetSessionRequest(session_id=session.id),
+        match="not found",
+    )
     expect(grpc.StatusCode.NOT_FOUND, bob.DeleteSession, pb.DeleteSessionRequest(session_id=session.id))
     expect(grpc.StatusCode.NOT_FOUND, run_stream, bob, session.id, [])
     assert session.id not in {s.id for s in bob.ListSessions(pb.ListSessionsRequest()).sessions}

@@ -18,8 +18,11 @@ def pki(tmp_path_factory):
     server_cert = ca.issue_cert("127.0.0.1", "localhost")
     client_cert = ca.issue_cert("client@lstm-serve.test")
     files = {
-        "ca": ca.cert_pem, "server_cert": server_cert.cert_chain_pems[0], "server_key": server_cert.private_key_pem,
-        "client_cert": client_cert.cert_chain_pems[0], "client_key": client_cert.private_key_pem,
+        "ca": ca.cert_pem,
+        "server_cert": server_cert.cert_chain_pems[0],
+        "server_key": server_cert.private_key_pem,
+        "client_cert": client_cert.cert_chain_pems[0],
+        "client_key": client_cert.private_key_pem,
         "other_ca": trustme.CA().cert_pem,
     }
     for name, blob in files.items():
@@ -34,7 +37,11 @@ def models_over(target: str, **options) -> list[str]:
 
 def trusting(pki, with_client_cert: bool = False) -> grpc.ChannelCredentials:
     """Credentials for the fixture's health checks."""
-    client = {"private_key": pki["client_key"].read_bytes(), "certificate_chain": pki["client_cert"].read_bytes()} if with_client_cert else {}
+    client = (
+        {"private_key": pki["client_key"].read_bytes(), "certificate_chain": pki["client_cert"].read_bytes()}
+        if with_client_cert
+        else {}
+    )
     return grpc.ssl_channel_credentials(root_certificates=pki["ca"].read_bytes(), **client)
 
 
@@ -52,10 +59,19 @@ def test_server_certificate(start_server, pki):
 
 def test_client_certificates_when_the_server_requires_them(start_server, pki):
     proc = start_server(
-        "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
-        "--tls-client-ca", str(pki["ca"]), "--shutdown-delay", "0", credentials=trusting(pki, with_client_cert=True),
+        "--tls-cert",
+        str(pki["server_cert"]),
+        "--tls-key",
+        str(pki["server_key"]),
+        "--tls-client-ca",
+        str(pki["ca"]),
+        "--shutdown-delay",
+        "0",
+        credentials=trusting(pki, with_client_cert=True),
     )
-    assert "tiny" in models_over(proc.target, ca_cert=pki["ca"], client_cert=pki["client_cert"], client_key=pki["client_key"])
+    assert "tiny" in models_over(
+        proc.target, ca_cert=pki["ca"], client_cert=pki["client_cert"], client_key=pki["client_key"]
+    )
     with pytest.raises(StatusError) as anonymous:
         models_over(proc.target, ca_cert=pki["ca"])
     assert anonymous.value.code.name == "UNAVAILABLE"
@@ -66,7 +82,22 @@ def test_half_configured_tls_stops_the_start_naming_the_field(tmp_path, pki):
     import sys
 
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--models-dir", str(tmp_path), "--tls-cert", str(pki["server_cert"])],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--models-dir",
+            str(tmp_path),
+            "--tls-cert",
+            str(pki["server_cert"]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert proc.returncode == 2 and "tls_cert and tls_key go together" in proc.stderr and "Traceback" not in proc.stderr
+    assert (
+        proc.returncode == 2
+        and "tls_cert and tls_key go together" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )

@@ -24,7 +24,7 @@ def test_incremental_decoder_emits_whole_characters_only(text):
 
 def test_pending_while_a_character_is_incomplete():
     decoder = IncrementalDecoder()
-    first, *rest = "机".encode("utf-8")
+    first, *rest = "机".encode()
     assert decoder.push(first) == "" and decoder.pending
     assert "".join(decoder.push(b) for b in rest) == "机" and not decoder.pending
 

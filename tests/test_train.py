@@ -20,7 +20,16 @@ from server.train import evaluate, train
 from server.train_config import TrainConfig
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
-SMALL = dict(hidden=48, embed=16, batch_size=8, seq_len=32, eval_interval=40, eval_tokens=4096, warmup_steps=10, progress=False)
+SMALL = dict(
+    hidden=48,
+    embed=16,
+    batch_size=8,
+    seq_len=32,
+    eval_interval=40,
+    eval_tokens=4096,
+    warmup_steps=10,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +42,16 @@ def corpus_dir(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 def test_short_run_lowers_heldout_loss_and_the_checkpoint_samples(tmp_path, corpus_dir, cell):
-    cfg = TrainConfig(corpus=[str(corpus_dir)], out=tmp_path / "m.safetensors", cell=cell, max_steps=120, lr=1e-2, **SMALL)
+    cfg = TrainConfig(
+        corpus=[str(corpus_dir)], out=tmp_path / "m.safetensors", cell=cell, max_steps=120, lr=1e-2, **SMALL
+    )
     torch.manual_seed(cfg.seed)
     untrained = RecurrentLM(ModelConfig(cell=cell, hidden=48, embed=16))
     corpus = load_corpus(cfg.corpus)
@@ -54,9 +67,16 @@ def test_short_run_lowers_heldout_loss_and_the_checkpoint_samples(tmp_path, corp
     assert summary.corpus_digest == corpus.digest and summary.corpus == [str(corpus_dir)]
     assert summary.heldout_bits_per_byte == result.heldout_bits_per_byte
     assert summary.tokens_seen == summary.steps * 8 * 32 and summary.seed == cfg.seed
-    assert {"log.jsonl", "curves.png", "last.safetensors", "trainer.pt", "metrics.prom"} <= {p.name for p in cfg.run_dir.iterdir()}
-    prom = {s.name: s.samples[0] for s in text_string_to_metric_families((cfg.run_dir / "metrics.prom").read_text())}
-    assert prom["lstm_serve_training_heldout_bits_per_byte"].value == pytest.approx(result.heldout_bits_per_byte)
+    assert {"log.jsonl", "curves.png", "last.safetensors", "trainer.pt", "metrics.prom"} <= {
+        p.name for p in cfg.run_dir.iterdir()
+    }
+    prom = {
+        s.name: s.samples[0]
+        for s in text_string_to_metric_families((cfg.run_dir / "metrics.prom").read_text())
+    }
+    assert prom["lstm_serve_training_heldout_bits_per_byte"].value == pytest.approx(
+        result.heldout_bits_per_byte
+    )
     assert prom["lstm_serve_training_heldout_bits_per_byte"].labels == {"model": "m"}
     assert prom["lstm_serve_training_tokens_seen"].value == 120 * 8 * 32
     assert 0 < prom["lstm_serve_training_duration_seconds"].value < 600
@@ -68,7 +88,9 @@ def test_short_run_lowers_heldout_loss_and_the_checkpoint_samples(tmp_path, corp
 
 
 def test_stop_and_resume_ends_bit_identical_to_an_uninterrupted_run(tmp_path, corpus_dir):
-    common = dict(corpus=[str(corpus_dir)], layers=2, dropout=0.1, max_steps=60, **SMALL | {"eval_interval": 25})
+    common = dict(
+        corpus=[str(corpus_dir)], layers=2, dropout=0.1, max_steps=60, **SMALL | {"eval_interval": 25}
+    )
     straight = TrainConfig(out=tmp_path / "a" / "m.safetensors", **common)
     assert train(straight).finished
 
@@ -99,8 +121,26 @@ def test_max_minutes_alone_chooses_and_records_a_horizon(tmp_path, corpus_dir):
 
 def test_ctrl_c_stops_after_the_step_and_leaves_a_resumable_state(tmp_path, corpus_dir):
     out = tmp_path / "m.safetensors"
-    args = ["train", "--corpus", str(corpus_dir), "--out", str(out), "--max-steps", "100000", "--hidden", "32",
-            "--batch-size", "4", "--seq-len", "16", "--eval-interval", "20", "--eval-tokens", "512", "--no-progress"]
+    args = [
+        "train",
+        "--corpus",
+        str(corpus_dir),
+        "--out",
+        str(out),
+        "--max-steps",
+        "100000",
+        "--hidden",
+        "32",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "16",
+        "--eval-interval",
+        "20",
+        "--eval-tokens",
+        "512",
+        "--no-progress",
+    ]
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", *args], stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (out.with_suffix(".train") / "trainer.pt").exists() and time.monotonic() < deadline:
@@ -132,7 +172,15 @@ def test_missing_or_empty_corpus_is_a_one_line_error(tmp_path, corpus_args, mess
 
 def test_corpus_too_small_for_the_batch_says_what_to_lower(tmp_path):
     (tmp_path / "a.txt").write_text("tiny text " * 20)
-    proc = run_cli("train", "--corpus", str(tmp_path / "a.txt"), "--out", str(tmp_path / "m.safetensors"), "--max-steps", "5")
+    proc = run_cli(
+        "train",
+        "--corpus",
+        str(tmp_path / "a.txt"),
+        "--out",
+        str(tmp_path / "m.safetensors"),
+        "--max-steps",
+        "5",
+    )
     assert proc.returncode == 2 and "--batch-size" in proc.stderr and "Traceback" not in proc.stderr
 
 

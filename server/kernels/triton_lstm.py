@@ -125,7 +125,9 @@ def layer_kernel(
     if LAYER > 0:  # x · W_ihᵀ; x is already in the operand dtype
         for k0 in range(0, KH, BLOCK_K):
             k = k0 + kk
-            a = tl.load(x_ptr + rows[:, None] * H + k[None, :], mask=rmask[:, None] & (k[None, :] < H), other=0.0)
+            a = tl.load(
+                x_ptr + rows[:, None] * H + k[None, :], mask=rmask[:, None] & (k[None, :] < H), other=0.0
+            )
             w = tl.load(w_ptr + k[:, None] * NP + cols[None, :])
             acc = _mma(a, w, acc, EMULATE)
     W_HH: tl.constexpr = KH if LAYER > 0 else 0  # first row of W_hhᵀ in the packed weights
@@ -155,7 +157,9 @@ def layer_kernel(
     else:
         h = _tanh(acc)
     tl.store(h_new[:, None] + n[None, :], h, mask=mask)
-    tl.store(out_ptr + rows[:, None] * H + n[None, :], _operand(h, w_ptr.dtype.element_ty, EMULATE), mask=mask)
+    tl.store(
+        out_ptr + rows[:, None] * H + n[None, :], _operand(h, w_ptr.dtype.element_ty, EMULATE), mask=mask
+    )
 
 
 @triton.jit(do_not_specialize=["B"])

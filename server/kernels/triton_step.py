@@ -141,12 +141,16 @@ class TritonStep:
             self.w.append(w.to(dev, dtype).contiguous())
             bias = self.table if b is None else interleave_gates(b, self.gates, self.hp)  # layer 0: unused
             self.bias.append(bias.float().to(dev))
-        head_w = torch.cat([sw.head_w.T, sw.head_w.new_zeros(sw.head_w.shape[1], self.vp - self.vocab)], dim=1)
+        head_w = torch.cat(
+            [sw.head_w.T, sw.head_w.new_zeros(sw.head_w.shape[1], self.vp - self.vocab)], dim=1
+        )
         self.head_w = pad_rows(head_w, self.kh).to(dev, dtype).contiguous()  # [KH, VP]
         self.head_b = torch.cat([sw.head_b, sw.head_b.new_zeros(self.vp - self.vocab)]).float().to(dev)
         # the layers' outputs: in the weights' dtype on GPU; under the interpreter, fp32 holding those values
         self.x_dtype = torch.float32 if self.emulate else dtype
-        self.poison = self.emulate  # NaN-fill outputs and scratch first, so tests prove every element is written
+        self.poison = (
+            self.emulate
+        )  # NaN-fill outputs and scratch first, so tests prove every element is written
         self.graphs = CudaGraphs(self.launch, pool) if use_graphs and dev.type == "cuda" else None
 
     @torch.no_grad()
@@ -165,7 +169,12 @@ class TritonStep:
         x = [self._alloc((B, self.hidden), self.x_dtype) for _ in range(2)]  # ping-pong layer outputs
         c = pool.c if pool.c is not None else pool.h  # the Elman kernel never touches c
         pdl = cfg.pdl and not self.emulate
-        common = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "EMULATE": self.emulate, "PDL": pdl}
+        common = {
+            "num_warps": cfg.num_warps,
+            "num_stages": cfg.num_stages,
+            "EMULATE": self.emulate,
+            "PDL": pdl,
+        }
         if pdl:
             common["launch_pdl"] = True
         grid = (_cdiv(B, cfg.block_b), self.hp // cfg.block_h)
