@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from server.kernels import make_backend  # noqa: E402
 from server.kernels.cuda_graphs import bucket  # noqa: E402
+from server.kernels.state_pool import StatePool  # noqa: E402
 from server.model import ModelConfig, RecurrentLM  # noqa: E402
-from server.state_pool import StatePool  # noqa: E402
 
 Step = Callable[[], object]
 

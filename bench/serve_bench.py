@@ -32,8 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from server import checkpoint  # noqa: E402
 from server.kernels import make_backend  # noqa: E402
+from server.kernels.state_pool import StatePool  # noqa: E402
 from server.model import ModelConfig, RecurrentLM  # noqa: E402
-from server.state_pool import StatePool  # noqa: E402
 
 BIN = Path(sys.executable).parent
 LISTENING = re.compile(r"listening on (\S+):(\d+)")

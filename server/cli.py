@@ -61,8 +61,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     from server import checkpoint
-    from server.train import train
-    from server.train_config import TrainConfig
+    from server.training.config import TrainConfig
+    from server.training.train import train
 
     if args.existing == "skip" and not args.resume and args.out.exists():
         try:
@@ -130,8 +130,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
 
+    from server.api.serve import serve
     from server.config import ServeSettings
-    from server.serve import serve
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServeSettings(

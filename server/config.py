@@ -9,7 +9,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from server.journal import MAX_TOKENS_PER_RECORD
+# One log record holds one session's tokens of one iteration, counted in a uint16 (see
+# server/durability/journal.py), so a prefill chunk is at most this long.
+MAX_TOKENS_PER_RECORD = 0xFFFF
 
 
 class ServeSettings(BaseSettings):

@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from server import journal
 from server.cli import main
+from server.durability import journal
 
 TRIGGER = Path(os.environ["FAULTY_DISK"])
 

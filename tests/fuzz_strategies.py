@@ -20,8 +20,8 @@ from google.protobuf.duration_pb2 import Duration
 from hypothesis import strategies as st
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
-from server import blob
-from server.blob import SessionBlob
+from server.sessions import blob
+from server.sessions.blob import SessionBlob
 from tests.conftest import TINY_MODELS
 
 

@@ -7,8 +7,8 @@ import copy
 import torch
 from torch import Tensor
 
+from server.kernels.state_pool import StatePool
 from server.model import ModelConfig, RecurrentLM, State
-from server.state_pool import StatePool
 
 
 class StepHarness:

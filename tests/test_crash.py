@@ -21,8 +21,8 @@ import grpc
 import pytest
 
 from client import AsyncClient, AsyncSession, Client, ResumeResult, Session, StatusError
-from server import blob
-from server.journal import read_segment
+from server.durability.journal import read_segment
+from server.sessions import blob
 from server.tokenizer import EOS
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
-from server import blob, tokenizer
+from server import tokenizer
+from server.sessions import blob
 from tests.conftest import ROOT
 from tests.stubs import LiveStream, connect, create, feed_request, generate, run_stream
 from tests.test_service import metric, scrape

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
-from server import blob
-from server.blob import SessionBlob
-from server.streams import Open, run_stream
+from server.api.streams import Open, run_stream
+from server.sessions import blob
+from server.sessions.blob import SessionBlob
 from tests.conftest import TINY_MODELS
 from tests.fuzz_strategies import (
     BAD_UTF8,

@@ -10,11 +10,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from server import journal
 from server.config import ServeSettings
-from server.durability import Restored, extend
-from server.errors import Unavailable
-from server.journal import (
+from server.durability import journal
+from server.durability.journal import (
     MAX_TOKENS_PER_RECORD,
     SEGMENT_MAGIC,
     Record,
@@ -23,6 +21,8 @@ from server.journal import (
     encode_frame,
     read_segment,
 )
+from server.durability.state_dir import Restored, extend
+from server.errors import Unavailable
 
 SID = "ab" * 16
 

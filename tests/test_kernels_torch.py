@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from server.kernels import make_backend
+from server.kernels.state_pool import StatePool
 from server.kernels.torch_step import TorchStep, padded_rows
 from server.model import ModelConfig, RecurrentLM
-from server.state_pool import StatePool
 from tests.kernel_harness import StepHarness
 
 SHAPES = [("lstm", 2, 37, 11), ("rnn", 2, 45, 8), ("lstm", 1, 24, 5)]  # hidden sizes off powers of two

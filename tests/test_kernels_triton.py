@@ -22,9 +22,9 @@ if not CUDA:
 import triton  # noqa: E402,F401  (no triton: fail here, loudly)
 
 from server.kernels import make_backend  # noqa: E402
+from server.kernels.state_pool import StatePool  # noqa: E402
 from server.kernels.triton_step import KernelConfig, TilePlan, TritonStep, as_plan  # noqa: E402
 from server.model import ModelConfig, RecurrentLM  # noqa: E402
-from server.state_pool import StatePool  # noqa: E402
 from tests.kernel_harness import StepHarness  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from server.kernels.state_pool import PoolFullError, StatePool
 from server.model import ModelConfig, State
-from server.state_pool import PoolFullError, StatePool
 
 LSTM = ModelConfig(cell="lstm", layers=2, hidden=6, embed=3)
 RNN = ModelConfig(cell="rnn", layers=3, hidden=5, embed=3)

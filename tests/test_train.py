@@ -12,12 +12,12 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from server import checkpoint
-from server.corpus import load_corpus, stdlib_documents
 from server.generate import generate_text
 from server.model import ModelConfig, RecurrentLM
 from server.sampling import SamplingParams
-from server.train import evaluate, train
-from server.train_config import TrainConfig
+from server.training.config import TrainConfig
+from server.training.corpus import load_corpus, stdlib_documents
+from server.training.train import evaluate, train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 SMALL = dict(

@@ -13,6 +13,9 @@ so a session's output never depends on server load (torch: on CPU; triton: every
             Its logits are a view of a static buffer that the next step overwrites.
 Pool operations (allocate, fork, export...) must not run during a step. Triton is imported
 only when the triton backend is built.
+
+The package owns the backends and the state pool they index (state_pool.py); it may import
+only the shared modules (server/model.py and the like).
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
+from server.kernels.state_pool import StatePool
 from server.kernels.torch_step import TorchStep
 from server.kernels.weights import default_dtype
 from server.model import RecurrentLM
-from server.state_pool import StatePool
 
 BackendName = Literal["auto", "torch", "triton"]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from server.state_pool import StatePool
+from server.kernels.state_pool import StatePool
 
 Launch = Callable[[Tensor, Tensor], Tensor]  # (tokens [B], slots [B]) on device -> logits [B, V]
 

@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from server.kernels.state_pool import StatePool
 from server.kernels.weights import served_weights
 from server.model import RecurrentLM
-from server.state_pool import StatePool
 
 
 def padded_rows(batch: int) -> int:

@@ -14,10 +14,10 @@ from torch import Tensor
 
 from server.kernels import triton_lstm
 from server.kernels.cuda_graphs import CudaGraphs, bucket
+from server.kernels.state_pool import StatePool
 from server.kernels.torch_step import check_batch
 from server.kernels.weights import served_weights
 from server.model import RecurrentLM
-from server.state_pool import StatePool
 
 
 @dataclass(frozen=True)

@@ -35,11 +35,18 @@ from typing import TextIO
 
 import numpy as np
 
-from server import blob
 from server.checkpoint import atomic_write
+from server.durability.journal import (
+    Record,
+    RecordKind,
+    WriteAheadLog,
+    fsync_directory,
+    read_all,
+    write_failed,
+)
 from server.errors import InvalidArgument, Unavailable
-from server.journal import Record, RecordKind, WriteAheadLog, fsync_directory, read_all, write_failed
-from server.sessions import Session
+from server.sessions import blob
+from server.sessions.store import Session
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ import torch
 
 from server import checkpoint
 from server.config import ServeSettings
+from server.engine.metrics import Metrics
+from server.engine.scheduler import Scheduler, StepStats
 from server.errors import NotFound
 from server.kernels import make_backend
-from server.metrics import Metrics
-from server.residency import DeviceResidency
-from server.scheduler import Scheduler, StepStats
-from server.state_pool import StatePool
+from server.kernels.state_pool import StatePool
+from server.sessions.residency import DeviceResidency
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -12,10 +12,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.auth import Principal
 from server.errors import InvalidArgument
-from server.jobs import ErrorEvent, Event, FinishedEvent, GenerateSpec, Job, Outbox
-from server.sessions import Session
+from server.sessions.jobs import ErrorEvent, Event, FinishedEvent, GenerateSpec, Job, Outbox
+from server.sessions.principal import Principal
+from server.sessions.store import Session
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import torch
 
 from server import checkpoint
 from server.model import RecurrentLM, State
-from server.train_config import TrainConfig
+from server.training.config import TrainConfig
 
 
 @dataclass

@@ -20,11 +20,11 @@ import torch
 from tqdm import tqdm
 
 from server import checkpoint
-from server.corpus import Corpus, CorpusError, load_corpus
 from server.model import ModelConfig, RecurrentLM, State, cross_entropy
-from server.train_config import TrainConfig
-from server.train_log import RunLog, write_prom_file
-from server.train_state import RunState, load_run_state, save_run_state
+from server.training.config import TrainConfig
+from server.training.corpus import Corpus, CorpusError, load_corpus
+from server.training.log import RunLog, write_prom_file
+from server.training.state import RunState, load_run_state, save_run_state
 
 CALIBRATION_STEPS = 20  # steps timed before a --max-minutes run chooses its horizon
 LOG_INTERVAL = 10  # steps between "train" lines in log.jsonl (the plot's train curve)

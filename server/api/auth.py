@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from server.errors import Unauthenticated
+from server.sessions.principal import ANONYMOUS, Principal
 
 
 class ApiKey(BaseModel):
@@ -34,16 +34,6 @@ class ApiKey(BaseModel):
     max_sessions: int | None = Field(None, ge=1)
     max_tokens_per_request: int | None = Field(None, ge=1)
     max_queued_requests: int | None = Field(None, ge=1)
-
-
-@dataclass(frozen=True)
-class Principal:
-    name: str
-    max_sessions: int | None = None
-    max_tokens_per_request: int | None = None
-
-
-ANONYMOUS = Principal("anonymous")
 
 
 def hash_key(key: str) -> str:

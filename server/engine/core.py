@@ -15,10 +15,12 @@ from typing import TypeVar
 
 import numpy as np
 
-from server import blob, tokenizer
-from server.auth import Authenticator, Principal
+from server import tokenizer
 from server.config import ServeSettings
-from server.durability import Durability
+from server.durability.restore import restore_sessions
+from server.durability.state_dir import Durability
+from server.engine.metrics import Metrics
+from server.engine.registry import ModelRegistry, ModelRuntime
 from server.errors import (
     Aborted,
     FailedPrecondition,
@@ -27,11 +29,10 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from server.jobs import ErrorEvent, Event, FinishedEvent, FinishReason, GenerateSpec, Job, Outbox
-from server.metrics import Metrics
-from server.registry import ModelRegistry, ModelRuntime
-from server.restore import restore_sessions
-from server.sessions import Driver, Session, SessionStore
+from server.sessions import blob
+from server.sessions.jobs import ErrorEvent, Event, FinishedEvent, FinishReason, GenerateSpec, Job, Outbox
+from server.sessions.principal import Principal
+from server.sessions.store import Driver, Session, SessionStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,11 +40,17 @@ EXPIRY_INTERVAL = 0.25  # seconds between expiry sweeps (and session gauge updat
 
 
 class Engine:
-    def __init__(self, settings: ServeSettings, registry: ModelRegistry, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: ServeSettings,
+        registry: ModelRegistry,
+        metrics: Metrics,
+        queued_limit_of: Callable[[str], int | None] = lambda owner: None,
+    ) -> None:
         self.settings = settings
         self.registry = registry
         self.metrics = metrics
-        self.auth = Authenticator.from_file(settings.api_keys_file)
+        self._queued_limit_of = queued_limit_of  # an owner's per-session request cap (its API key's), if any
         self.store = SessionStore(settings.max_sessions, settings.session_ttl, settings.max_session_ttl)
         self.durability = Durability(
             settings.state_dir,
@@ -297,7 +304,7 @@ class Engine:
     def _check_session_queue(self, session: Session) -> None:
         """RESOURCE_EXHAUSTED when `session` already has its cap of live requests queued or
         running: --max-queued-per-session, or its API key's lower max_queued_requests."""
-        key_limit = self.auth.max_queued_requests(session.owner)
+        key_limit = self._queued_limit_of(session.owner)
         limit = min(self.settings.max_queued_per_session, key_limit or self.settings.max_queued_per_session)
         if sum(1 for job in session.jobs if not job.cancelled) >= limit:
             whose = (

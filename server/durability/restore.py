@@ -15,9 +15,9 @@ import time
 import numpy as np
 
 from server import tokenizer
-from server.durability import Restored
+from server.durability.state_dir import Restored
 from server.errors import Unavailable
-from server.sessions import Session
+from server.sessions.store import Session
 
 log = logging.getLogger(__name__)
 

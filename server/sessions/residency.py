@@ -14,10 +14,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from server.state_pool import StatePool
+from server.kernels.state_pool import StatePool
 
 if TYPE_CHECKING:
-    from server.sessions import Session
+    from server.sessions.store import Session
 
 
 class DeviceResidency:

@@ -16,14 +16,14 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from server import tokenizer
-from server.auth import Principal
+from server.api.streams import Cancel, Command, Feed, Generate, Open, Opened
 from server.config import ServeSettings
+from server.engine.registry import ModelRuntime
 from server.errors import InvalidArgument
-from server.jobs import FinishedEvent, FinishReason, GenerateSpec, TokenEvent
-from server.registry import ModelRuntime
 from server.sampling import SamplingParams
-from server.sessions import Session
-from server.streams import Cancel, Command, Feed, Generate, Open, Opened
+from server.sessions.jobs import FinishedEvent, FinishReason, GenerateSpec, TokenEvent
+from server.sessions.principal import Principal
+from server.sessions.store import Session
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256

@@ -13,13 +13,14 @@ import grpc
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from client.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
-from server import translate
-from server.auth import Principal
-from server.engine import Engine
+from server.api import translate
+from server.api.auth import Authenticator
+from server.api.streams import Opened, run_stream
+from server.engine.core import Engine
+from server.engine.metrics import Metrics
 from server.errors import InvalidArgument, ServeError
-from server.jobs import TokenEvent
-from server.metrics import Metrics
-from server.streams import Opened, run_stream
+from server.sessions.jobs import TokenEvent
+from server.sessions.principal import Principal
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["LstmServeService"]
@@ -33,11 +34,11 @@ MAX_DETAILS = (
 )
 
 
-def principal_of(engine: Engine, context: grpc.aio.ServicerContext) -> Principal:
+def principal_of(engine: Engine, auth: Authenticator, context: grpc.aio.ServicerContext) -> Principal:
     """The authenticated caller; UNAVAILABLE while the server is not ready."""
     engine.check_ready()
     metadata = dict(context.invocation_metadata() or ())
-    return engine.auth.authenticate(metadata.get("authorization"))
+    return auth.authenticate(metadata.get("authorization"))
 
 
 class _Call:
@@ -74,7 +75,7 @@ def unary(method: Callable) -> Callable:
     async def handler(self: LstmServeServicer, request, context):
         call, cancelled = _Call(self.metrics, method.__name__), False
         try:
-            principal = principal_of(self.engine, context)
+            principal = principal_of(self.engine, self.auth, context)
             return await method(self, translate.parsed(request), principal)
         except asyncio.CancelledError:
             cancelled = True
@@ -96,7 +97,7 @@ def streaming(method: Callable) -> Callable:
         in_flight = self.metrics.streams_in_flight.labels(method.__name__)
         in_flight.inc()
         try:
-            principal = principal_of(self.engine, context)
+            principal = principal_of(self.engine, self.auth, context)
             async for response in method(
                 self, translate.parsed(request), principal
             ):  # Stream: parsed per message
@@ -139,8 +140,9 @@ def add_to_server(servicer: LstmServeServicer, server: grpc.aio.Server) -> None:
 
 
 class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, auth: Authenticator) -> None:
         self.engine = engine
+        self.auth = auth
         self.settings = engine.settings
         self.metrics = engine.metrics
         self._latency: dict[tuple[str, bool], object] = {}  # (model, first token?) -> histogram child

@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from server.errors import ResourceExhausted, Unavailable
-from server.jobs import FinishReason, Job
 from server.kernels import StepBackend
-from server.residency import DeviceResidency
 from server.sampling import sample
-from server.sessions import Session
+from server.sessions.jobs import FinishReason, Job
+from server.sessions.residency import DeviceResidency
+from server.sessions.store import Session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

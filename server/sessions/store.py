@@ -24,7 +24,7 @@ from server.errors import (
     OutOfRange,
     ResourceExhausted,
 )
-from server.jobs import ErrorEvent, Job, Outbox
+from server.sessions.jobs import ErrorEvent, Job, Outbox
 
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 EXPIRED_MEMORY = 100_000  # expired ids remembered, oldest forgotten first

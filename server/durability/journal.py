@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.config import MAX_TOKENS_PER_RECORD
 from server.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,7 @@ SEGMENT_MAGIC = b"LSWAL\x00\x02\n"  # format 2: frames of records
 _FRAME = struct.Struct("<II")  # length, crc32
 _RECORD = struct.Struct("<I")  # record length
 _HEAD = struct.Struct("<B16s")  # kind, session id
-_TOKENS = struct.Struct("<IQH")  # life, start position, count
-MAX_TOKENS_PER_RECORD = 0xFFFF
+_TOKENS = struct.Struct("<IQH")  # life, start position, count (at most MAX_TOKENS_PER_RECORD)
 MAX_FRAME_BYTES = 64 << 20  # far above any iteration's frame: a longer length field is damage
 
 

@@ -18,11 +18,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
+from server.api.auth import Authenticator
+from server.api.service import METHODS, LstmServeServicer, add_to_server
 from server.config import ServeSettings, exposure_warnings
-from server.engine import Engine
-from server.metrics import Metrics
-from server.registry import ModelRegistry
-from server.service import METHODS, LstmServeServicer, add_to_server
+from server.engine.core import Engine
+from server.engine.metrics import Metrics
+from server.engine.registry import ModelRegistry
 
 log = logging.getLogger("lstm_serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServeService"].full_name
@@ -57,7 +58,8 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> N
 
     metrics = Metrics(METHODS)
     registry = ModelRegistry(settings, metrics)
-    engine = Engine(settings, registry, metrics)
+    auth = Authenticator.from_file(settings.api_keys_file)
+    engine = Engine(settings, registry, metrics, auth.max_queued_requests)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -71,7 +73,7 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> N
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    add_to_server(LstmServeServicer(engine), server)
+    add_to_server(LstmServeServicer(engine, auth), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
