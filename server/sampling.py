@@ -109,3 +109,17 @@ def sample_one(logits, seed: int, position: int, params: SamplingParams) -> int:
     """`sample` for a single row: logits [V] -> token id."""
     row = np.asarray(logits, dtype=np.float64)[None]
     return int(sample(row, [seed], [position], [params.temperature], [params.top_k], [params.top_p])[0])
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of [N, V] logits, in float64."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+
+def top_logprobs(logits: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
+    """The k likeliest next tokens of one row [V], best first, with their log-probabilities."""
+    logprobs = log_softmax(logits[None])[0]
+    best = np.argsort(-logprobs, kind="stable")[:k]
+    return tuple(zip(best.tolist(), logprobs[best].tolist()))

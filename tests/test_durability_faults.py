@@ -25,8 +25,8 @@ from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from server import tokenizer
 from server.sessions import blob
 from tests.conftest import ROOT
+from tests.metrics_helpers import metric, scrape
 from tests.stubs import LiveStream, connect, create, feed_request, generate, run_stream
-from tests.test_service import metric, scrape
 
 pytestmark = pytest.mark.slow
 LONG = 100_000

@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
+from tests.metrics_helpers import metric, scrape
 from tests.stubs import LiveStream, connect, create, generate, generate_request
-from tests.test_service import metric, scrape
 
 LONG = 100_000  # tokens asked for: far more than any test lets run
 

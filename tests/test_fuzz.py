@@ -15,7 +15,6 @@ import json
 import threading
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import grpc
 import pytest
@@ -366,8 +365,8 @@ async def test_a_stream_cancelled_before_it_opened_detaches():
         def attach(self, principal, session_id, takeover):
             return session_id, "driver"
 
-        def runtime(self, session):
-            return SimpleNamespace(scheduler=SimpleNamespace(settle=lambda session: asyncio.Event().wait()))
+        async def settle(self, session):
+            await asyncio.Event().wait()
 
         def detach(self, session, driver):
             self.detached.append(session)

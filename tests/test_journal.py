@@ -21,7 +21,7 @@ from server.durability.journal import (
     encode_frame,
     read_segment,
 )
-from server.durability.state_dir import Restored, extend
+from server.durability.restore import Restored, extend
 from server.errors import Unavailable
 
 SID = "ab" * 16

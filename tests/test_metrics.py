@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
+from tests.metrics_helpers import metric, scrape
 from tests.stubs import connect, create, generate
-from tests.test_service import metric, scrape
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy/grafana/dashboards/lstm-serve.json"

@@ -11,8 +11,8 @@ import pytest
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from tests.conftest import TINY_MODELS, write_model
+from tests.metrics_helpers import metric, scrape
 from tests.stubs import connect, create, generate
-from tests.test_service import metric, scrape
 
 
 def sighup(proc, rescans: int) -> None:

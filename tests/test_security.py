@@ -14,8 +14,8 @@ import yaml
 
 from client import Client, ClientOptions, StatusError
 from server.config import ServeSettings, exposure_warnings, is_loopback
+from tests.metrics_helpers import metric, scrape
 from tests.stubs import connect, feed_request, run_stream
-from tests.test_service import metric, scrape
 
 TINY = "tiny"
 NO_KEYS_WARNING = "beyond loopback, without --api-keys-file"

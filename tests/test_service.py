@@ -3,36 +3,19 @@
 from __future__ import annotations
 
 import concurrent.futures
-import re
-import urllib.request
 
 import grpc
 import pytest
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from server import tokenizer
+from tests.metrics_helpers import metric, scrape
 from tests.stubs import LiveStream, connect, create, feed_request, generate, generate_request, run_stream
 
 
 @pytest.fixture(scope="module")
 def stub(server):
     return connect(server.target)
-
-
-def scrape(server) -> str:
-    with urllib.request.urlopen(server.metrics_url, timeout=10) as response:
-        return response.read().decode()
-
-
-def metric(text: str, name: str, /, **labels: str) -> float:
-    """The value of one sample in a Prometheus text scrape (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    pattern = re.compile(rf"^{re.escape(name)}(?:\{{([^}}]*)\}})? (\S+)$", re.M)
-    total = 0.0
-    for found_labels, value in pattern.findall(text):
-        if all(part in found_labels.split(",") for part in want.split(",") if part):
-            total += float(value)
-    return total
 
 
 def test_list_models_describes_both_cells(stub, server):

@@ -4,6 +4,7 @@ decorators authenticate, map errors to status codes and record metrics."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -15,23 +16,19 @@ from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from client.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from server.api import translate
 from server.api.auth import Authenticator
-from server.api.streams import Opened, run_stream
+from server.api.streams import Opened, run_generate, run_stream
 from server.engine.core import Engine
-from server.engine.metrics import Metrics
-from server.errors import InvalidArgument, ServeError
-from server.sessions.jobs import TokenEvent
+from server.errors import ServeError
+from server.sessions.jobs import Event, TokenEvent
 from server.sessions.principal import Principal
 
 log = logging.getLogger(__name__)
 SERVICE = pb.DESCRIPTOR.services_by_name["LstmServeService"]
 METHODS = [m.name for m in SERVICE.methods]
-PROMPT_METHODS = (
-    "Generate",
-    "Stream",
-)  # their requests are small but for the prompt: refused unparsed when too large
-MAX_DETAILS = (
-    500  # characters of a status message; grpc drops longer headers (the client would see RESOURCE_EXHAUSTED)
-)
+# their requests are small but for the prompt: refused unparsed when too large
+PROMPT_METHODS = ("Generate", "Stream")
+# characters of a status message; grpc drops longer headers (the client would see RESOURCE_EXHAUSTED)
+MAX_DETAILS = 500
 
 
 def principal_of(engine: Engine, auth: Authenticator, context: grpc.aio.ServicerContext) -> Principal:
@@ -41,77 +38,37 @@ def principal_of(engine: Engine, auth: Authenticator, context: grpc.aio.Servicer
     return auth.authenticate(metadata.get("authorization"))
 
 
-class _Call:
-    """Status bookkeeping of one RPC: the code it ends with, for the metrics."""
-
-    def __init__(self, metrics: Metrics, method: str) -> None:
-        self.metrics, self.method, self.code = metrics, method, "OK"
-        self.started = time.perf_counter()
-
-    async def fail(self, context: grpc.aio.ServicerContext, error: Exception) -> None:
-        """End the RPC with the error's status (raises grpc.aio.AbortError)."""
-        if isinstance(error, ServeError):
-            self.code = error.code
-            message = str(error)  # it may quote the request: keep it short
-            await context.abort(
-                getattr(grpc.StatusCode, error.code),
-                message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS] + "…",
-            )
-        else:
-            log.error("unexpected error in %s", self.method, exc_info=error)
-            self.code = "INTERNAL"
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"internal error in {self.method}; the server log has details"
-            )
-
-    def done(self, cancelled: bool) -> None:
-        code = "CANCELLED" if cancelled else self.code
-        self.metrics.requests.labels(self.method, code).inc()
-        self.metrics.rpc_duration.labels(self.method).observe(time.perf_counter() - self.started)
+async def abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
+    """End the RPC with the error's status (raises grpc.aio.AbortError); unexpected ones are logged."""
+    if isinstance(error, ServeError):
+        message = str(error)  # it may quote the request: keep it short
+        await context.abort(
+            getattr(grpc.StatusCode, error.code),
+            message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS] + "…",
+        )
+    log.error("unexpected error in %s", method, exc_info=error)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has details")
 
 
 def unary(method: Callable) -> Callable:
+    """A unary-response handler run inside the servicer's `_rpc` (caller, status, metrics)."""
+
     @functools.wraps(method)
     async def handler(self: LstmServeServicer, request, context):
-        call, cancelled = _Call(self.metrics, method.__name__), False
-        try:
-            principal = principal_of(self.engine, self.auth, context)
+        async with self._rpc(method.__name__, context, streaming=False) as principal:
             return await method(self, translate.parsed(request), principal)
-        except asyncio.CancelledError:
-            cancelled = True
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # every failure gets a status; unexpected ones are logged
-            await call.fail(context, e)
-        finally:
-            call.done(cancelled)
 
     return handler
 
 
 def streaming(method: Callable) -> Callable:
+    """A streaming-response handler run inside the servicer's `_rpc` (Stream: parsed per message)."""
+
     @functools.wraps(method)
     async def handler(self: LstmServeServicer, request, context):
-        call, cancelled = _Call(self.metrics, method.__name__), False
-        in_flight = self.metrics.streams_in_flight.labels(method.__name__)
-        in_flight.inc()
-        try:
-            principal = principal_of(self.engine, self.auth, context)
-            async for response in method(
-                self, translate.parsed(request), principal
-            ):  # Stream: parsed per message
+        async with self._rpc(method.__name__, context, streaming=True) as principal:
+            async for response in method(self, translate.parsed(request), principal):
                 yield response
-        except (asyncio.CancelledError, GeneratorExit):
-            cancelled = True
-            raise
-        except grpc.aio.AbortError:
-            raise
-        except Exception as e:  # every failure gets a status; unexpected ones are logged
-            await call.fail(context, e)
-        finally:
-            in_flight.dec()
-            call.done(cancelled)
 
     return handler
 
@@ -145,17 +102,37 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
         self.auth = auth
         self.settings = engine.settings
         self.metrics = engine.metrics
-        self._latency: dict[tuple[str, bool], object] = {}  # (model, first token?) -> histogram child
 
-    def _observe(self, model: str, event: TokenEvent) -> None:
-        """Time to first token and inter-token latency of generated tokens (per token: cached children)."""
-        if event.latency is not None:
-            key = (model, event.first)
-            histogram = self._latency.get(key)
-            if histogram is None:
-                family = self.metrics.time_to_first_token if event.first else self.metrics.inter_token_latency
-                histogram = self._latency[key] = family.labels(model)
-            histogram.observe(event.latency)
+    @contextlib.asynccontextmanager
+    async def _rpc(
+        self, method: str, context: grpc.aio.ServicerContext, streaming: bool
+    ) -> AsyncIterator[Principal]:
+        """Every handler runs in one: the authenticated caller in, the status out (errors mapped
+        to their codes) and the request's metrics recorded."""
+        started, code = time.perf_counter(), "OK"
+        in_flight = self.metrics.streams_in_flight.labels(method) if streaming else None
+        if in_flight is not None:
+            in_flight.inc()
+        try:
+            yield principal_of(self.engine, self.auth, context)
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as e:
+            code = e.code if isinstance(e, ServeError) else "INTERNAL"
+            await abort(context, method, e)
+        finally:
+            if in_flight is not None:
+                in_flight.dec()
+            self.metrics.requests.labels(method, code).inc()
+            self.metrics.rpc_duration.labels(method).observe(time.perf_counter() - started)
+
+    def _observe(self, model: str, event: Opened | Event) -> None:
+        """Time to first token and inter-token latency of generated tokens."""
+        if isinstance(event, TokenEvent) and event.latency is not None:
+            self.metrics.observe_token_latency(model, event.first, event.latency)
 
     @unary
     async def ListModels(self, request, principal):
@@ -214,23 +191,12 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
 
     @streaming
     async def Generate(self, request, principal) -> AsyncIterator[pb.GenerateResponse]:
-        if not request.session_id and not request.model:
-            raise InvalidArgument("give session_id, or model for a temporary session")
-        prompt = translate.input_tokens(request.prompt, self.settings)
-        spec = translate.generate_spec(request, self.settings, principal)
-        events = self.engine.generate(
-            principal,
-            request.session_id,
-            request.model,
-            request.model_version,
-            prompt,
-            spec,
-            translate.optional_seed(request),
-            request.takeover,
-        )
-        async for session, event in events:
-            if isinstance(event, TokenEvent):
-                self._observe(session.model, event)
+        call = translate.generate_call(request, self.settings, principal)
+        async for event in run_generate(self.engine, principal, call):
+            if isinstance(event, Opened):
+                session = event.session
+                continue
+            self._observe(session.model, event)
             yield translate.generate_response(session, event)
 
     @streaming
@@ -240,6 +206,5 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
         async for event in run_stream(self.engine, principal, commands):
             if isinstance(event, Opened):
                 model = event.session.model
-            elif isinstance(event, TokenEvent):
-                self._observe(model, event)
+            self._observe(model, event)
             yield translate.stream_response(event)

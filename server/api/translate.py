@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from server import tokenizer
-from server.api.streams import Cancel, Command, Feed, Generate, Open, Opened
+from server.api.streams import Cancel, Command, Feed, Generate, GenerateCall, Open, Opened
 from server.config import ServeSettings
 from server.engine.registry import ModelRuntime
 from server.errors import InvalidArgument
@@ -161,6 +161,21 @@ def generate_spec(
             f"stop takes at most {MAX_STOP_SEQUENCES} non-empty sequences of at most {MAX_STOP_LENGTH} characters"
         )
     return GenerateSpec(max_tokens or limit, sampling(request.sampling), stop, request.ignore_eos)
+
+
+def generate_call(request: pb.GenerateRequest, settings: ServeSettings, principal: Principal) -> GenerateCall:
+    """A Generate RPC's request: its prompt and generation, on a session or a temporary one."""
+    if not request.session_id and not request.model:
+        raise InvalidArgument("give session_id, or model for a temporary session")
+    return GenerateCall(
+        request.session_id,
+        request.model,
+        request.model_version,
+        input_tokens(request.prompt, settings),
+        generate_spec(request, settings, principal),
+        optional_seed(request),
+        request.takeover,
+    )
 
 
 def stream_commands(

@@ -29,11 +29,9 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
-
-import numpy as np
 
 from server.checkpoint import atomic_write
 from server.durability.journal import (
@@ -41,28 +39,14 @@ from server.durability.journal import (
     RecordKind,
     WriteAheadLog,
     fsync_directory,
-    read_all,
     write_failed,
 )
-from server.errors import InvalidArgument, Unavailable
+from server.durability.restore import Restored, recover
+from server.errors import Unavailable
 from server.sessions import blob
 from server.sessions.store import Session
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Restored:
-    """A session as found in the state dir, before its replay."""
-
-    meta: dict  # id, owner, model, version, seed, ttl, remaining_ttl, created_at
-    position: int = 0  # the position of `state`
-    state: bytes | None = None  # pool export bytes; None: the zero state
-    logits: np.ndarray | None = None
-    history: list[int] = field(default_factory=list)  # tokens absorbed up to `position` (a tail)
-    replay: list[int] = field(default_factory=list)  # logged tokens absorbed after `position`
-    problem: str | None = None  # why its log stopped early (then replay ends there)
-    life: int = 0  # restarts from position 0 so far (see journal.py); records of older lives are stale
 
 
 def snapshot_bytes(session: Session, state: bytes | None, now: float) -> bytes:
@@ -88,6 +72,15 @@ def snapshot_bytes(session: Session, state: bytes | None, now: float) -> bytes:
             extra,
         )
     )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A session's snapshot file contents, taken with its state, and the key it stands for."""
+
+    session: Session
+    key: tuple[int, int]  # (life, state position): see Session.snapshot_key
+    data: bytes
 
 
 class StateDirError(ValueError):
@@ -266,160 +259,62 @@ class Durability:
         session.snapshot_key = (session.life, session.state_position)
         session.durable_position, session.logged = session.state_position, True
 
-    async def checkpoint(self, engine) -> None:
-        """Snapshot every session that changed since its last snapshot, then drop the log before.
-        Nothing is dropped unless every snapshot was written."""
+    def begin_checkpoint(self) -> int | None:
+        """Continue the log in a new segment; the snapshots taken next cover every record of the
+        segments up to the returned one. None: no checkpoint now (no log, or it is failed)."""
         if self.wal is None or self.wal.failure is not None:
-            return
-        old_segment = await asyncio.to_thread(
-            self.wal.rotate
-        )  # the states taken below cover every record before
-        await self._snapshot_all(engine, moved_only=True)
+            return None
+        return self.wal.rotate()
+
+    def end_checkpoint(self, old_segment: int) -> None:
+        """Every snapshot of the checkpoint is written: drop the log it covers."""
         self.wal.delete_through(old_segment)
 
-    async def _snapshot_all(self, engine, moved_only: bool) -> None:
-        """Write the snapshots of every session (those that changed since their last one), the
-        stranded ones included: their log may be all they have, and it is about to go."""
-        taken = self._contents(engine.stranded(), lambda s: s.host_state, moved_only)
-        for runtime in engine.registry.runtimes():
-            sessions, state_bytes = engine.sessions_of(runtime), runtime.residency.state_bytes
-            taken += await runtime.scheduler.in_step_thread(self._contents, sessions, state_bytes, moved_only)
-        await asyncio.to_thread(self._write_all, taken)
-
     @staticmethod
-    def _contents(
+    def snapshots_of(
         sessions: list[Session], state_of: Callable[[Session], bytes | None], moved_only: bool
-    ) -> list[tuple[Session, tuple[int, int], bytes]]:
-        """Snapshot contents of `sessions` (those that changed since their last one); in the step
-        thread for sessions on a loaded model, whose state `state_of` exports. A session whose
-        replay is under way keeps its old snapshot (which holds what it still has to replay)."""
+    ) -> list[Snapshot]:
+        """Snapshot contents of `sessions` (with moved_only, those that changed since their last
+        one); in the step thread for sessions on a loaded model, whose state `state_of` exports.
+        A session whose replay is under way keeps its old snapshot (it holds what is left to replay)."""
         now = time.time()
         return [
-            (s, (s.life, s.state_position), snapshot_bytes(s, state_of(s), now))
+            Snapshot(s, (s.life, s.state_position), snapshot_bytes(s, state_of(s), now))
             for s in sessions
             if s.durable
             and not s.replaying
             and not (moved_only and s.snapshot_key == (s.life, s.state_position))
         ]
 
-    def _write_all(self, taken: list[tuple[Session, tuple[int, int], bytes]]) -> None:
+    def write_snapshots(self, taken: list[Snapshot]) -> None:
+        """Write snapshots (in a worker thread); OSError, counted, if one cannot be written."""
         try:
-            for session, key, data in taken:
-                if not session.closed:
-                    atomic_write(self._snap_path(session), data)
-                    session.snapshot_key = key
+            for snapshot in taken:
+                if not snapshot.session.closed:
+                    atomic_write(self._snap_path(snapshot.session), snapshot.data)
+                    snapshot.session.snapshot_key = snapshot.key
         except OSError as e:
             self._on_error("snapshot", e)
             raise
         finally:
-            gone = [s for s, _, _ in taken if s.closed and self._snap_path(s).exists()]
+            gone = [t.session for t in taken if t.session.closed and self._snap_path(t.session).exists()]
             for session in gone:  # deleted meanwhile: no snapshot may outlive the deletion
                 self._snap_path(session).unlink(missing_ok=True)
             if gone:
                 fsync_directory(self.sessions_dir)
 
-    async def shutdown(self, engine) -> None:
-        """Graceful stop: snapshot every session, then the log is no longer needed (it is kept
-        if a snapshot cannot be written)."""
-        if self.mode == "none":
+    def close(self, snapshots_written: bool) -> None:
+        """Graceful stop, after the final snapshots: the log is no longer needed if they were all
+        written (it is kept for the next start otherwise)."""
+        if self.wal is None:
             return
-        try:
-            await self._snapshot_all(engine, moved_only=False)
-        except OSError as e:
-            log.error("state dir: snapshots at shutdown failed (%s); the log is kept for the next start", e)
-            return
-        finally:
-            if self.wal is not None:
-                with contextlib.suppress(Unavailable):
-                    self.wal.close()
-        if self.wal is not None:
+        with contextlib.suppress(Unavailable):
+            self.wal.close()
+        if snapshots_written:
             self.wal.delete_through(self.wal.last_segment)
-
-    # ---- recovery ------------------------------------------------------------------------------
 
     def recover(self) -> tuple[dict[str, Restored], list[str]]:
         """Every session in the state dir (snapshot + logged tokens), and the problems found."""
         if self.mode == "none":
             return {}, []
-        restored, damaged = self._read_snapshots()
-        problems = self._apply_log(restored) if self.wal is not None else []
-        # a session created after the log's last rotation is rebuilt from the log alone
-        return restored, [
-            f"session {sid}: snapshot unusable ({why}); "
-            + ("rebuilt from its log" if sid in restored else "the session is lost")
-            for sid, why in damaged.items()
-        ] + problems
-
-    def _read_snapshots(self) -> tuple[dict[str, Restored], dict[str, str]]:
-        """The sessions of the snapshot files, and why each unusable one is (by session id)."""
-        for tmp in self.sessions_dir.glob("*.tmp"):  # a snapshot being written at a crash (atomic_write's)
-            tmp.unlink()
-        restored, damaged = {}, {}
-        for path in sorted(self.sessions_dir.glob("*.snap")):
-            try:
-                found = blob.unpack(path.read_bytes())
-                extra = found.extra
-                meta = {
-                    "id": extra["id"],
-                    "owner": extra["owner"],
-                    "model": found.model,
-                    "version": found.fingerprint,
-                    "seed": found.seed,
-                    "ttl": float(extra["ttl"]),
-                    "remaining_ttl": float(extra["remaining_ttl"]),
-                    "created_at": float(extra["created_at"]),
-                }
-                restored[meta["id"]] = Restored(
-                    meta,
-                    found.position,
-                    found.state or None,
-                    found.logits,
-                    list(extra["history"]),
-                    list(extra["pending"]),
-                    life=int(extra.get("life", 0)),  # older snapshots: no reset since the log began
-                )
-            except (InvalidArgument, KeyError, TypeError, ValueError, OSError) as e:
-                damaged[path.stem] = str(e)
-        return restored, damaged
-
-    def _apply_log(self, restored: dict[str, Restored]) -> list[str]:
-        problems = []
-        for record, problem in read_all(self.wal.directory):
-            if problem is not None:
-                problems.append(problem)
-                continue
-            session = restored.get(record.session_id)
-            if record.kind == RecordKind.CREATE:
-                if session is None:
-                    restored[record.session_id] = Restored(dict(record.meta, id=record.session_id))
-            elif record.kind == RecordKind.DELETE:
-                restored.pop(record.session_id, None)
-            elif session is not None and session.problem is None:
-                extend(session, record)
-        return problems + [s.problem for s in restored.values() if s.problem]
-
-
-def extend(session: Restored, record: Record) -> None:
-    """Add a TOKENS record to a session's replay, skipping what its snapshot covers.
-
-    A record of a newer life restarts the session from the zero state (creation, reset): the
-    log holds every later record too, as segments are only ever deleted oldest first. Records
-    of an older life are stale, and one already covered (a frame written again after a failed
-    fsync) adds nothing.
-    """
-    if record.life < session.life:
-        return
-    if record.life > session.life and record.start == 0:
-        session.position, session.state, session.logits, session.history = 0, None, None, []
-        session.replay, session.life = list(record.tokens), record.life
-        return
-    end = session.position + len(session.replay)
-    if record.life == session.life and record.start + len(record.tokens) <= end:
-        return  # covered by the snapshot or an earlier copy
-    if record.life == session.life and record.start <= end:
-        session.replay += record.tokens[end - record.start :]
-    else:
-        session.problem = (
-            f"session {session.meta['id']}: its log jumps from position {end} to {record.start} "
-            f"(records lost); it is restored at position {end}"
-        )
+        return recover(self.sessions_dir, self.wal.directory if self.wal is not None else None)

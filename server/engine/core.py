@@ -1,8 +1,11 @@
-"""The serving engine: what the gRPC servicer delegates to (no grpc here).
+"""The serving engine: what the gRPC edge delegates to (no grpc here), and all it reaches.
 
 It ties the model registry, the session store and the per-model schedulers together:
 session lifecycle (create, fork, reset, export, import, delete, expiry), attaching the
-stream that drives a session, and submitting its jobs.
+stream that drives a session, submitting and cancelling its jobs. Restore, checkpoints and
+the final snapshots are persistence.py's, which hands server/durability plain data. The
+edge calls only the public methods below; callbacks (log records, durability faults,
+health) are wired here.
 """
 
 from __future__ import annotations
@@ -10,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import numpy as np
 
 from server import tokenizer
 from server.config import ServeSettings
-from server.durability.restore import restore_sessions
 from server.durability.state_dir import Durability
 from server.engine.metrics import Metrics
+from server.engine.persistence import Persistence
 from server.engine.registry import ModelRegistry, ModelRuntime
 from server.errors import (
     Aborted,
@@ -30,7 +33,7 @@ from server.errors import (
     Unavailable,
 )
 from server.sessions import blob
-from server.sessions.jobs import ErrorEvent, Event, FinishedEvent, FinishReason, GenerateSpec, Job, Outbox
+from server.sessions.jobs import FinishedEvent, FinishReason, Job, Outbox
 from server.sessions.principal import Principal
 from server.sessions.store import Driver, Session, SessionStore
 
@@ -60,6 +63,9 @@ class Engine:
             on_error=lambda operation, error: metrics.durability_errors.labels(operation).inc(),
             on_health=self._log_health_changed,
         )
+        self.persistence = Persistence(
+            self.durability, registry, self.store, metrics, settings.max_queue, self.replay
+        )
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.ready = False  # models loaded and schedulers running
@@ -73,10 +79,10 @@ class Engine:
         loop = self._loop = asyncio.get_running_loop()
         for runtime in self.registry.runtimes():
             self._start_runtime(runtime)
-        await restore_sessions(self)
+        await self.persistence.restore()
         self._tasks = [loop.create_task(self._sweep_forever(), name="expiry")]
         if self.durability.mode == "log":
-            self._tasks.append(loop.create_task(self._checkpoint_forever(), name="checkpoint"))
+            self._tasks.append(loop.create_task(self.persistence.checkpoint_forever(), name="checkpoint"))
         self.ready = True
 
     async def reload_models(self) -> None:
@@ -84,7 +90,7 @@ class Engine:
         added = await asyncio.to_thread(self.registry.scan)
         for runtime in added:
             self._start_runtime(runtime)
-        for session in self.stranded():
+        for session in self.store.stranded():
             if self.registry.by_fingerprint(session.version) is not None:
                 session.stranded, replay = False, session.pending_replay
                 session.pending_replay = []
@@ -134,7 +140,7 @@ class Engine:
                         f"the server is shutting down; session {session.id} is at position {session.position}"
                     )
                 )
-        await self.durability.shutdown(self)
+        await self.persistence.save_all()
         for runtime in self.registry.runtimes():
             await runtime.scheduler.stop()
 
@@ -149,12 +155,6 @@ class Engine:
                 f"loaded; its data is kept: restore that model file (and send SIGHUP) to use it again"
             )
         return runtime
-
-    def sessions_of(self, runtime: ModelRuntime) -> list[Session]:
-        return [s for s in self.store if s.version == runtime.version and not s.stranded]
-
-    def stranded(self) -> list[Session]:
-        return [s for s in self.store if s.stranded]
 
     def get_session(self, principal: Principal, session_id: str) -> Session:
         """The caller's live session; one past its TTL is expired on the spot."""
@@ -291,6 +291,19 @@ class Engine:
         if not session.closed:
             self.runtime(session).scheduler.wake()
 
+    async def settle(self, session: Session) -> None:
+        """Wait until `session` has no job queued or running (a former stream's last step)."""
+        await self.runtime(session).scheduler.settle(session)
+
+    def cancel(self, session: Session, job: Job) -> None:
+        """Stop `job` at its next step."""
+        job.cancel()
+        self.runtime(session).scheduler.wake()
+
+    def end_temporary(self, session: Session) -> None:
+        """A Generate call's temporary session, at the end of the call."""
+        self._end(session, "temporary")
+
     def submit(self, session: Session, job: Job) -> None:
         if session.closed:
             raise NotFound(f"session {session.id} was deleted")
@@ -317,50 +330,6 @@ class Engine:
                 f"read their events and wait for one to finish before sending another",
                 "session_queue_full",
             )
-
-    async def generate(
-        self,
-        principal: Principal,
-        session_id: str,
-        model: str,
-        version: str,
-        prompt: list[int],
-        spec: GenerateSpec,
-        seed: int | None,
-        takeover: bool,
-    ) -> AsyncIterator[tuple[Session, Event]]:
-        """Feed `prompt`, then generate; yields (session, event) until the finished event.
-        Without a session id a temporary session is created, and deleted at the end."""
-        temporary = None
-        if not session_id:
-            temporary = await self.create_session(principal, model, version, seed, None, durable=False)
-            session_id = temporary.id
-        elif seed is not None:
-            raise InvalidArgument(
-                "seed applies to temporary sessions only; a session keeps the seed it was created with"
-            )
-        elif model and model != (running := self.get_session(principal, session_id).model):
-            raise InvalidArgument(
-                f"session {session_id} runs model {running!r}, not {model!r}: omit model, or give {running!r}"
-            )
-        try:
-            session, driver = self.attach(principal, session_id, takeover)
-            job = Job("", driver.outbox, feed=prompt, generate=spec)
-            try:
-                self.submit(session, job)
-                while True:
-                    event = await driver.outbox.get()
-                    if isinstance(event, ErrorEvent):
-                        raise event.error
-                    yield session, event
-                    if isinstance(event, FinishedEvent):
-                        return
-            finally:
-                job.cancel()
-                self.detach(session, driver)
-        finally:
-            if temporary is not None:
-                self._end(temporary, "temporary")
 
     # ---- internals -----------------------------------------------------------------------
 
@@ -406,10 +375,7 @@ class Engine:
         ABORTED if it was cancelled first (a stream took the session over)."""
         self.submit(session, job)
         try:
-            while True:
-                event = await job.outbox.get()
-                if isinstance(event, ErrorEvent):
-                    raise event.error
+            async for event in job.outbox.events():
                 if isinstance(event, FinishedEvent):
                     break
         finally:
@@ -433,10 +399,7 @@ class Engine:
             runtime = self.runtime(session)
             runtime.scheduler.wake()
             runtime.scheduler.executor.submit(runtime.residency.release, session)
-        self.metrics.sessions_ended.labels(reason).inc()
-        if reason == "expired":
-            self.metrics.sessions_expired.inc()
-        self.metrics.session_lifetime.observe(time.time() - session.created_at)
+        self.metrics.session_ended(reason, time.time() - session.created_at)
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -444,28 +407,8 @@ class Engine:
                 now = time.time()
                 for session in self.store.due_to_expire(now):
                     self._end(session, "expired")
-                self._update_gauges()
+                runtimes = self.registry.runtimes()
+                self.metrics.count_sessions(self.store, {r.version: r.pool for r in runtimes})
             except Exception:  # keep sweeping; one bad session must not stop expiry for all
                 log.exception("expiry sweep failed")
             await asyncio.sleep(EXPIRY_INTERVAL)
-
-    async def _checkpoint_forever(self) -> None:
-        while True:
-            await asyncio.sleep(self.durability.snapshot_interval)
-            try:
-                await self.durability.checkpoint(self)
-            except Exception:  # keep serving; the log keeps growing until a checkpoint succeeds
-                log.exception("checkpoint failed")
-
-    def _update_gauges(self) -> None:
-        on_device = sum(1 for s in self.store if s.on_device)
-        on_host = len(self.store) - on_device
-        per_slot = {r.version: r.pool.state_bytes_per_slot for r in self.registry.runtimes()}
-        self.metrics.sessions.labels("device").set(on_device)
-        self.metrics.sessions.labels("host").set(on_host)
-        self.metrics.state_memory.labels("device").set(
-            sum(r.pool.capacity * r.pool.state_bytes_per_slot for r in self.registry.runtimes())
-        )
-        self.metrics.state_memory.labels("host").set(
-            sum(per_slot.get(s.version, 0) for s in self.store if not s.on_device)
-        )

@@ -9,6 +9,7 @@ gets its own registry, so several servers can live in one process (tests).
 from __future__ import annotations
 
 import platform
+from collections.abc import Collection
 
 import torch
 from prometheus_client import (
@@ -20,6 +21,9 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
+
+from server.kernels.state_pool import StatePool
+from server.sessions.store import Session
 
 PREFIX = "lstm_serve_"
 LATENCY_BUCKETS = (
@@ -150,6 +154,7 @@ class Metrics:
             {"version": _version(), "python": platform.python_version(), "torch": torch.__version__}
         )
         self._init_labels(methods)
+        self._token_latency: dict[tuple[str, bool], Histogram] = {}  # (model, first token?) -> child
 
     def _counter(self, name: str, doc: str, labels: list[str] = ()) -> Counter:
         return Counter(PREFIX + name, doc, labels, registry=self.registry)
@@ -192,6 +197,40 @@ class Metrics:
         ):
             metric.labels(name)
         self.step_duration.labels(name, backend)
+
+    def observe_token_latency(self, model: str, first: bool, seconds: float) -> None:
+        """Time to first token (`first`) or inter-token latency of one generated token.
+
+        Called per token, so the labelled histogram children are cached.
+        """
+        key = (model, first)
+        histogram = self._token_latency.get(key)
+        if histogram is None:
+            family = self.time_to_first_token if first else self.inter_token_latency
+            histogram = self._token_latency[key] = family.labels(model)
+        histogram.observe(seconds)
+
+    def session_ended(self, reason: str, lifetime: float) -> None:
+        self.sessions_ended.labels(reason).inc()
+        if reason == "expired":
+            self.sessions_expired.inc()
+        self.session_lifetime.observe(lifetime)
+
+    def count_sessions(self, sessions: Collection[Session], pools: dict[str, StatePool]) -> None:
+        """Sessions and their states' bytes by location; `pools` by model version."""
+        on_device = sum(1 for s in sessions if s.on_device)
+        self.sessions.labels("device").set(on_device)
+        self.sessions.labels("host").set(len(sessions) - on_device)
+        self.state_memory.labels("device").set(
+            sum(p.capacity * p.state_bytes_per_slot for p in pools.values())
+        )
+        self.state_memory.labels("host").set(
+            sum(
+                pools[s.version].state_bytes_per_slot
+                for s in sessions
+                if not s.on_device and s.version in pools
+            )
+        )
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics over HTTP; returns the bound port (port 0 picks a free one)."""

@@ -17,6 +17,7 @@ import torch
 
 from server import checkpoint
 from server.config import ServeSettings
+from server.device import pick_device
 from server.engine.metrics import Metrics
 from server.engine.scheduler import Scheduler, StepStats
 from server.errors import NotFound
@@ -51,14 +52,6 @@ class ModelRuntime:
     def zero_logits(self) -> np.ndarray:
         """Placeholder next-token logits of a session that has absorbed nothing yet."""
         return np.zeros(self.vocab_size, dtype=np.float32)
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available")
-    return torch.device(
-        "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
-    )
 
 
 class ModelRegistry:

@@ -1,17 +1,18 @@
 """Continuous batching: one loop per model turns every session's pending work into batched steps.
 
-Each iteration takes up to max_batch_size sessions that have a job (round-robin; at most
-one job per session, FIFO within it; a session whose client stopped reading is skipped),
-samples the next token of every generating row from its stored logits in one batch, then,
-in the step thread:
-  1. makes their states resident in the device pool and logs the iteration's tokens (with a
-     state dir; if the log refuses them, no state moves and the requests end UNAVAILABLE),
-  2. runs batched steps: sub-step 0 holds every row; a row that is feeding a prompt goes on
-     for up to `prefill_chunk` tokens in the following sub-steps, so a long prompt moves fast
-     yet delays the others' next token by a bounded amount,
-  3. records each session's new state position, history and logits (with its state, so a
-     snapshot between iterations is consistent),
-and back on the event loop computes the logprobs and hands each job its absorbed tokens.
+Each iteration runs in three typed phases (the records are in runner.py):
+  plan() -> StepBatch, on the event loop: up to max_batch_size sessions that have a job
+     (round-robin; at most one job per session, FIFO within it; a session whose client
+     stopped reading is skipped); a row feeding a prompt takes up to `prefill_chunk` tokens
+     of it, so a long prompt moves fast yet delays the others' next token by a bounded amount.
+     Then, still on the event loop, the next token of every generating row is sampled from
+     its stored logits, in one batch.
+  Runner.execute(batch) -> StepOutput, in the step thread: residency, logging the tokens
+     (with a state dir; if the log refuses them, no state moves and the requests end
+     UNAVAILABLE), resets, the batched sub-steps, and each session's new state position,
+     history and logits (with its state, so a snapshot between iterations is consistent).
+  update(batch, output), on the event loop: the logprobs of what each row absorbed, handed to
+     its job; the sessions requeued; the iteration's stats reported.
 Pool operations (fork, reset, export, import, free) also run in the step thread, between
 iterations. The event loop keeps only light numpy work: the step thread holds the GIL as
 little as it can, since the event loop's gRPC writes need it too.
@@ -25,33 +26,21 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
-import torch
 
+from server.engine.runner import Absorbed, RecordFn, Row, Runner, StepBatch, StepOutput
 from server.errors import ResourceExhausted, Unavailable
 from server.kernels import StepBackend
-from server.sampling import sample
+from server.sampling import log_softmax, sample, top_logprobs
 from server.sessions.jobs import FinishReason, Job
 from server.sessions.residency import DeviceResidency
 from server.sessions.store import Session
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass
-class Row:
-    """One session's part of an iteration."""
-
-    session: Session
-    job: Job
-    tokens: list[int]  # to absorb: a prompt chunk, or filled with the sampled token
-    position: int  # the session's position before this iteration
-    generating: bool  # the tokens are sampled, not fed
-    absorbed: list[tuple[int, float, tuple]] = field(default_factory=list)  # (token, logprob, top)
 
 
 @dataclass
@@ -75,7 +64,7 @@ class Scheduler:
         max_queue: int,
         prefill_chunk: int,
         on_iteration: Callable[[StepStats], None] = lambda stats: None,
-        on_record: Callable[[list[tuple[Session, int, list[int]]]], None] = lambda entries: None,
+        on_record: RecordFn = lambda entries: None,
     ) -> None:
         self.backend = backend
         self.residency = residency
@@ -83,18 +72,25 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.on_iteration = on_iteration
-        # step thread, before the step: (session, start position, tokens) per row, for the log;
-        # raises Unavailable if they cannot be recorded, and then no state moves
-        self.on_record = on_record
+        self.runner = Runner(backend, residency, on_record)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._ready: deque[Session] = deque()
         self._queued = 0  # jobs submitted and not finished
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._submitted_at: dict[int, float] = {}  # id(job) -> when it was submitted
         self._settle_waiters: dict[str, list[asyncio.Future]] = {}  # session id -> settle() calls
 
     # ---- the public surface --------------------------------------------------------------
+
+    @property
+    def on_record(self) -> RecordFn:
+        """Step thread, before the step: (session, start position, tokens) per row, for the log;
+        raises Unavailable if they cannot be recorded, and then no state moves."""
+        return self.runner.on_record
+
+    @on_record.setter
+    def on_record(self, fn: RecordFn) -> None:
+        self.runner.on_record = fn
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
@@ -116,7 +112,7 @@ class Scheduler:
                 f"the model's request queue is full ({self.max_queue} requests); retry later", "queue_full"
             )
         self._queued += 1
-        self._submitted_at[id(job)] = time.perf_counter()
+        job.submitted_at = time.perf_counter()
         session.jobs.append(job)
         self._mark_ready(session)
 
@@ -151,36 +147,20 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
-            rows = self._plan()
-            if not rows:
+            batch = self.plan()
+            if not batch.rows:
                 await self._wake.wait()
                 continue
-            started = time.perf_counter()
             try:
-                before = self._sample(rows)
-                runnable, outputs = await loop.run_in_executor(self.executor, self._execute, rows)
-                self._record(runnable, before, outputs)
-            except Unavailable as e:  # the log refused this iteration's tokens: no state moved
-                for row in rows:
-                    row.job.fail(e)
-                outputs = []
-            except Exception:  # a bug, not bad input: keep serving the other sessions
-                log.exception("step failed; cancelling the %d requests of this batch", len(rows))
-                for row in rows:
-                    row.job.cancel()
-                outputs = []
-            steps, seconds = len(outputs), time.perf_counter() - started
-            waits = [
-                started - self._submitted_at.get(id(r.job), started)
-                for r in rows
-                if r.job.fed + r.job.generated == 0
-            ]
-            generated = sum(len(r.absorbed) for r in rows if r.generating)
-            fed = sum(len(r.absorbed) for r in rows) - generated
-            self._deliver(rows)
-            self.on_iteration(StepStats(len(rows), steps, seconds, waits, fed, generated))
+                self._sample(batch)
+                output = await loop.run_in_executor(self.executor, self.runner.execute, batch)
+            except Exception as e:  # handled by update: the requests of this batch end
+                output = StepOutput(error=e)
+            self.update(batch, output)
 
-    def _plan(self) -> list[Row]:
+    # ---- plan: which sessions run --------------------------------------------------------
+
+    def plan(self) -> StepBatch:
         """Up to max_batch_size sessions with runnable jobs, in round-robin order."""
         rows: list[Row] = []
         waiting: list[Session] = []
@@ -194,10 +174,10 @@ class Scheduler:
                 waiting.append(session)  # its client is not reading: pause it
             else:
                 tokens = job.feed_chunk(self.prefill_chunk) if job.feeding else []
-                position = 0 if job.reset and job.fed == 0 else session.position
+                position = 0 if job.starts_over else session.position
                 rows.append(Row(session, job, tokens, position, generating=not job.feeding))
         self._ready.extendleft(reversed(waiting))
-        return rows
+        return StepBatch(rows)
 
     def _current_job(self, session: Session) -> Job | None:
         """The session's first live job; cancelled ones are finished on the way."""
@@ -217,35 +197,14 @@ class Scheduler:
                 waiter.set_result(None)
 
     def _retire(self, session: Session) -> None:
-        job = session.jobs.popleft()
+        session.jobs.popleft()
         self._queued -= 1
-        self._submitted_at.pop(id(job), None)
 
-    def _deliver(self, rows: list[Row]) -> None:
-        """Hand each job its absorbed tokens (on the event loop), then requeue its session."""
-        for row in rows:
-            session, job = row.session, row.job
-            if row.absorbed and job.reset and job.fed == 0:
-                session.position = 0
-            for token, logprob, top in row.absorbed:
-                session.position += 1
-                job.absorbed(token, logprob, session.position, top, session.durable_position)
-            if row.absorbed:
-                session.touch()
-            if job.cancelled and not job.done:
-                job.finish(FinishReason.CANCELLED, session.position, session.durable_position)
-            if job.done and session.jobs and session.jobs[0] is job:
-                self._retire(session)
-            if session.jobs:  # closed sessions too: _plan retires their jobs
-                session.scheduled = False
-                self._mark_ready(session)
-            else:
-                self._unschedule(session)
-
-    def _sample(self, rows: list[Row]) -> dict[int, np.ndarray]:
-        """Draw the next token of every generating row, as one batch; returns each row's
-        logits before this iteration (by id(row)), for the logprobs of what it absorbs."""
-        gen = [r for r in rows if r.generating]
+    @staticmethod
+    def _sample(batch: StepBatch) -> None:
+        """Draw the next token of every generating row, as one batch; note each row's logits
+        before this iteration, for the logprobs of what it absorbs."""
+        gen = [r for r in batch.rows if r.generating]
         if gen:
             specs = [r.job.generate.sampling for r in gen]
             chosen = sample(
@@ -258,75 +217,77 @@ class Scheduler:
             )
             for row, token in zip(gen, chosen.tolist()):
                 row.tokens = [token]
-        return {
-            id(r): np.zeros_like(r.session.logits) if r.job.reset and r.job.fed == 0 else r.session.logits
-            for r in rows
-        }
+        for row in batch.rows:
+            row.before = np.zeros_like(row.session.logits) if row.job.starts_over else row.session.logits
 
-    # ---- the step thread -------------------------------------------------------------------
+    # ---- update: back on the event loop ----------------------------------------------------
 
-    def _execute(self, rows: list[Row]) -> tuple[list[Row], list[tuple[list[int], np.ndarray, np.ndarray]]]:
-        """Step thread: residency and the batched steps of one iteration.
-
-        Returns the rows that ran and, per sub-step, (row indices, tokens, logits [A, V]).
-        Each session's state position, history and logits are updated here, with its state,
-        so that a snapshot taken between iterations is consistent.
-        """
-        pinned = {row.session.id for row in rows}
-        runnable = [
-            r for r in rows if not r.session.closed and self.residency.make_resident(r.session, pinned)
+    def update(self, batch: StepBatch, output: StepOutput) -> None:
+        """Give each row its absorbed tokens with their logprobs, hand them to its job, requeue
+        its session, and report the iteration's stats."""
+        error = output.error
+        if error is None:
+            try:
+                self._absorb(output)
+            except Exception as e:
+                error = e
+        if isinstance(error, Unavailable):  # the log refused this iteration's tokens: no state moved
+            for row in batch.rows:
+                row.job.fail(error)
+        elif error is not None:  # a bug, not bad input: keep serving the other sessions
+            log.error(
+                "step failed; cancelling the %d requests of this batch", len(batch.rows), exc_info=error
+            )
+            for row in batch.rows:
+                row.job.cancel()
+        steps = 0 if error is not None else len(output.substeps)
+        started, seconds = batch.started, time.perf_counter() - batch.started
+        waits = [
+            started - (started if r.job.submitted_at is None else r.job.submitted_at)
+            for r in batch.rows
+            if r.job.fed + r.job.generated == 0
         ]
-        self.on_record([(row.session, row.position, row.tokens) for row in runnable if not row.job.replay])
-        for row in runnable:
-            if row.job.reset and row.job.fed == 0:
-                self.residency.reset(row.session)
-        outputs = []
-        for j in range(max((len(r.tokens) for r in runnable), default=0)):
-            active = [i for i, r in enumerate(runnable) if len(r.tokens) > j]
-            tokens = np.array([runnable[i].tokens[j] for i in active], dtype=np.int64)
-            slots = np.array([runnable[i].session.slot for i in active], dtype=np.int64)
-            logits = (
-                self.backend.step(torch.from_numpy(tokens), torch.from_numpy(slots)).cpu().numpy()
-            )  # [A, V]
-            outputs.append((active, tokens, logits))
-            for n, i in enumerate(active):
-                runnable[i].session.logits = logits[n]
-        for row in runnable:
-            row.session.remember(row.position, row.tokens)
-        return runnable, outputs
-
-    # ---- back on the event loop ---------------------------------------------------------------
+        generated = sum(len(r.absorbed) for r in batch.rows if r.generating)
+        fed = sum(len(r.absorbed) for r in batch.rows) - generated
+        self._deliver(batch)
+        self.on_iteration(StepStats(len(batch.rows), steps, seconds, waits, fed, generated))
 
     @staticmethod
-    def _record(rows: list[Row], before: dict[int, np.ndarray], outputs: list) -> None:
-        """Give each row its absorbed (token, logprob, top alternatives), sub-step by sub-step."""
+    def _absorb(output: StepOutput) -> None:
+        """Give each row that ran its absorbed tokens, logprobs and top alternatives, sub-step by sub-step."""
+        rows = output.rows
         if not rows:
             return
-        prev = np.stack(
-            [before[id(r)] for r in rows]
-        )  # [R, V]: the logits each absorbed token was drawn from
-        for active, tokens, logits in outputs:
-            logprobs = log_softmax(prev[active])[np.arange(len(active)), tokens].tolist()
-            for n, (i, token) in enumerate(zip(active, tokens.tolist())):
+        prev = np.stack([r.before for r in rows])  # [R, V]: the logits each absorbed token was drawn from
+        for sub in output.substeps:
+            logprobs = log_softmax(prev[sub.active])[np.arange(len(sub.active)), sub.tokens].tolist()
+            for n, (i, token) in enumerate(zip(sub.active, sub.tokens.tolist())):
                 job = rows[i].job
                 top = (
-                    top_logprobs(logits[n], job.top_logprobs)
+                    top_logprobs(sub.logits[n], job.top_logprobs)
                     if job.return_logprobs and job.top_logprobs
                     else ()
                 )
-                rows[i].absorbed.append((token, logprobs[n], top))
-            prev[active] = logits
+                rows[i].absorbed.append(Absorbed(token, logprobs[n], top))
+            prev[sub.active] = sub.logits
 
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax of [N, V] logits, in float64."""
-    x = logits.astype(np.float64)
-    x -= x.max(axis=1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
-
-
-def top_logprobs(logits: np.ndarray, k: int) -> tuple[tuple[int, float], ...]:
-    """The k likeliest next tokens of one row [V], best first, with their log-probabilities."""
-    logprobs = log_softmax(logits[None])[0]
-    best = np.argsort(-logprobs, kind="stable")[:k]
-    return tuple(zip(best.tolist(), logprobs[best].tolist()))
+    def _deliver(self, batch: StepBatch) -> None:
+        """Hand each job its absorbed tokens, then requeue its session."""
+        for row in batch.rows:
+            session, job = row.session, row.job
+            if row.absorbed and job.starts_over:
+                session.position = 0
+            for a in row.absorbed:
+                session.position += 1
+                job.absorbed(a.token, a.logprob, session.position, a.top, session.durable_position)
+            if row.absorbed:
+                session.touch()
+            if job.cancelled and not job.done:
+                job.finish(FinishReason.CANCELLED, session.position, session.durable_position)
+            if job.done and session.jobs and session.jobs[0] is job:
+                self._retire(session)
+            if session.jobs:  # closed sessions too: plan retires their jobs
+                session.scheduled = False
+                self._mark_ready(session)
+            else:
+                self._unschedule(session)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from server import tokenizer
@@ -75,11 +75,16 @@ class Outbox:
     def has_room(self) -> bool:
         return self._queue.qsize() < self.limit
 
-    async def get(self) -> Event:
-        event = await self._queue.get()
-        if self._queue.qsize() == self.limit - 1:
-            self._on_drain()  # the scheduler may run this job again
-        return event
+    async def events(self) -> AsyncIterator[Event]:
+        """The events as they come, for as long as the reader wants them; an ErrorEvent is
+        raised as its error. The one place where events are read."""
+        while True:
+            event = await self._queue.get()
+            if self._queue.qsize() == self.limit - 1:
+                self._on_drain()  # the scheduler may run this job again
+            if isinstance(event, ErrorEvent):
+                raise event.error
+            yield event
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,7 @@ class Job:
     cancelled: bool = False
     done: bool = False
     created_at: float = field(default_factory=time.perf_counter)
+    submitted_at: float | None = None  # when the scheduler queued it (perf_counter), for the queue wait
     _last_token_at: float | None = None
     _decoder: tokenizer.IncrementalDecoder = field(default_factory=tokenizer.IncrementalDecoder)
     _text_tail: str = ""  # the end of the generated text, long enough to match stop sequences
@@ -114,6 +120,11 @@ class Job:
     @property
     def feeding(self) -> bool:
         return self.fed < len(self.feed)
+
+    @property
+    def starts_over(self) -> bool:
+        """A reset job that has fed nothing yet: it runs from position 0 and the zero state."""
+        return self.reset and self.fed == 0
 
     def feed_chunk(self, limit: int) -> list[int]:
         """The next input tokens to absorb, at most `limit`."""

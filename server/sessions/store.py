@@ -173,6 +173,13 @@ class SessionStore:
     def owned_by(self, owner: str) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner == owner]
 
+    def running_on(self, version: str) -> list[Session]:
+        """The sessions of a loaded model version (the stranded ones wait for theirs to return)."""
+        return [s for s in self._sessions.values() if s.version == version and not s.stranded]
+
+    def stranded(self) -> list[Session]:
+        return [s for s in self._sessions.values() if s.stranded]
+
     def count(self, owner: str) -> int:
         return sum(1 for s in self._sessions.values() if s.owner == owner)
 

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from server import checkpoint
+from server.device import pick_device
 from server.model import ModelConfig, RecurrentLM, State, cross_entropy
 from server.training.config import TrainConfig
 from server.training.corpus import Corpus, CorpusError, load_corpus
@@ -58,14 +59,6 @@ class TrainResult:
     tokens_seen: int
     heldout_bits_per_byte: float  # of the best checkpoint
     finished: bool  # False when stopped early (--stop-after-steps, Ctrl-C); --resume continues
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but CUDA is not available")
-    return torch.device(
-        "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
-    )
 
 
 def learning_rate(cfg: TrainConfig, step: int, horizon: int | None) -> float:

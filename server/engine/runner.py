@@ -1,0 +1,114 @@
+"""One iteration's data, and the step thread's part of it.
+
+The scheduler's phases hand each other typed records:
+    plan()            event loop   -> StepBatch: a Row per session that runs
+    sampling          event loop      fills each generating row's token and every row's `before`
+    Runner.execute    step thread  -> StepOutput: the rows that ran and one SubStep per batched step
+    update            event loop      an Absorbed per token of each row, delivered to its job
+The runner makes the rows' states resident, has their tokens logged (before the step: if the
+log refuses them, nothing moves), resets the rows that start over, runs the backend's
+batched sub-steps and records each session's new position, history and logits with its
+state, so that a snapshot taken between iterations is consistent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from server.kernels import StepBackend
+from server.sessions.jobs import Job
+from server.sessions.residency import DeviceResidency
+from server.sessions.store import Session
+
+# step thread, before the step: (session, start position, tokens) per row, for the log
+RecordFn = Callable[[list[tuple[Session, int, list[int]]]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Absorbed:
+    """One token a row absorbed, with the log-probability it had and the top alternatives after it."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass
+class Row:
+    """One session's part of an iteration."""
+
+    session: Session
+    job: Job
+    tokens: list[int]  # to absorb: a prompt chunk, or filled with the sampled token
+    position: int  # where the state starts this iteration (0: from the zero state)
+    generating: bool  # the tokens are sampled, not fed
+    before: np.ndarray | None = None  # [V] the logits before this iteration (zeros when starting over)
+    absorbed: list[Absorbed] = field(default_factory=list)
+
+
+@dataclass
+class StepBatch:
+    """What plan() chose: at most one row per session, in round-robin order."""
+
+    rows: list[Row]
+    started: float = field(default_factory=time.perf_counter)  # for the queue wait and step time
+
+
+@dataclass(frozen=True)
+class SubStep:
+    """One batched backend step: sub-step j holds the rows with more than j tokens."""
+
+    active: list[int]  # indices into StepOutput.rows
+    tokens: np.ndarray  # [A] int64, what they absorbed
+    logits: np.ndarray  # [A, V] the next-token logits after it
+
+
+@dataclass
+class StepOutput:
+    """What the step thread did: the rows that ran (resident and not closed) and their sub-steps."""
+
+    rows: list[Row] = field(default_factory=list)
+    substeps: list[SubStep] = field(default_factory=list)
+    error: Exception | None = None  # the iteration failed (sampling, logging or a step)
+
+
+class Runner:
+    """Runs a planned batch in the step thread (where every pool operation runs)."""
+
+    def __init__(
+        self, backend: StepBackend, residency: DeviceResidency, on_record: RecordFn = lambda entries: None
+    ) -> None:
+        self.backend = backend
+        self.residency = residency
+        # raises Unavailable if the tokens cannot be recorded, and then no state moves
+        self.on_record = on_record
+
+    def execute(self, batch: StepBatch) -> StepOutput:
+        """Residency, logging, resets and the batched steps of one iteration."""
+        pinned = {row.session.id for row in batch.rows}
+        rows = [
+            r for r in batch.rows if not r.session.closed and self.residency.make_resident(r.session, pinned)
+        ]
+        self.on_record([(row.session, row.position, row.tokens) for row in rows if not row.job.replay])
+        for row in rows:
+            if row.job.starts_over:
+                self.residency.reset(row.session)
+        substeps = []
+        for j in range(max((len(r.tokens) for r in rows), default=0)):
+            active = [i for i, r in enumerate(rows) if len(r.tokens) > j]
+            tokens = np.array([rows[i].tokens[j] for i in active], dtype=np.int64)
+            slots = np.array([rows[i].session.slot for i in active], dtype=np.int64)
+            logits = (
+                self.backend.step(torch.from_numpy(tokens), torch.from_numpy(slots)).cpu().numpy()
+            )  # [A, V]
+            substeps.append(SubStep(active, tokens, logits))
+            for n, i in enumerate(active):
+                rows[i].session.logits = logits[n]
+        for row in rows:
+            row.session.remember(row.position, row.tokens)
+        return StepOutput(rows, substeps)
