@@ -1,7 +1,12 @@
 """End-to-end serving benchmark against the limits, all measured in one run.
 
-    python bench/serve_bench.py                       # default model + a 2-layer H=1024 model
-    python bench/serve_bench.py --sessions 1 8 64 --duration 5 --models default
+    python bench/serve_bench.py                       # default, 2-layer H=256, synthetic backend
+    python bench/serve_bench.py --sessions 1 8 64 --duration 5 --models default h1024x2
+
+Models: `default` (models/default.safetensors), `h256x2` and `h1024x2` (2-layer LSTMs with
+random weights: speed does not depend on them), and `synthetic`: the default checkpoint
+served with `--backend synthetic`, which replaces the model's arithmetic by a cheap hash, so
+that its row shows what the server itself costs.
 
 For each model it starts `lstm-serve serve` itself and runs `lstm-client bench` (a second
 process) at each session count, then measures in the same run:
@@ -9,7 +14,8 @@ process) at each session count, then measures in the same run:
   (b) transport limit: bench/echo.py, a bare grpc.aio server and client pair streaming
       token-sized lstm-serve messages with no model behind them;
   (c) no batching: the same server with --max-batch-size 1.
-Prints tables and the ratios, writes JSON (bench/results/serve_bench.json by default).
+e2e is compared with a·b/(a+b), what the machine allows when the model and the transport share
+its cores perfectly. Prints tables and the ratios, writes JSON (bench/results/serve_bench.json by default).
 """
 
 from __future__ import annotations
@@ -59,27 +65,41 @@ def machine() -> dict:
     }
 
 
+RANDOM_MODELS = {
+    "h256x2": ModelConfig(cell="lstm", layers=2, hidden=256, embed=128),
+    "h1024x2": ModelConfig(cell="lstm", layers=2, hidden=1024, embed=128),
+}
+
+
+def backend_of(name: str) -> str:
+    return "synthetic" if name == "synthetic" else "torch"
+
+
 def prepare_models(workdir: Path, names: list[str]) -> dict[str, Path]:
-    """The default model, and a 2-layer H=1024 LSTM with random weights (speed does not depend on them)."""
+    """Each model's file in a directory of its own (see the module docstring)."""
     paths = {}
     for name in names:
         path = workdir / name / f"{name}.safetensors"
         path.parent.mkdir(parents=True)
-        if name == "default":
+        if name in ("default", "synthetic"):
             path.write_bytes((ROOT / "models/default.safetensors").read_bytes())
-        else:
+        elif name in RANDOM_MODELS:
             torch.manual_seed(0)
-            checkpoint.save(path, RecurrentLM(ModelConfig(cell="lstm", layers=2, hidden=1024, embed=128)))
+            checkpoint.save(path, RecurrentLM(RANDOM_MODELS[name]))
+        else:
+            raise SystemExit(f"unknown model {name!r}: use default, synthetic, {', '.join(RANDOM_MODELS)}")
         paths[name] = path
     return paths
 
 
-def step_limit(path: Path, batch_sizes: list[int], threads: int, seconds: float = 1.5) -> dict[int, float]:
-    """(a) tokens/s of the torch backend's batched step, in this process."""
+def step_limit(
+    path: Path, batch_sizes: list[int], threads: int, backend_name: str, seconds: float = 1.5
+) -> dict[int, float]:
+    """(a) tokens/s of the backend's batched step, in this process."""
     torch.set_num_threads(threads)
     model = checkpoint.load(path).model
     pool = StatePool(model.config, "cpu", max(batch_sizes), max(batch_sizes))
-    backend = make_backend(model, pool, "torch")
+    backend = make_backend(model, pool, backend_name)
     slots = torch.tensor([pool.allocate() for _ in range(max(batch_sizes))])
     limits = {}
     for b in batch_sizes:
@@ -208,7 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["default", "h1024x2"])
+    parser.add_argument("--models", nargs="+", default=["default", "h256x2", "synthetic"])
     parser.add_argument("--sessions", nargs="+", type=int, default=[1, 8, 64, 256])
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     parser.add_argument("--max-tokens", type=int, default=64, help="tokens per generate request")
@@ -223,13 +243,13 @@ def main() -> None:
     transport = transport_limit(args.sessions, args.duration, args.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in prepare_models(Path(tmp), args.models).items():
-            limit = step_limit(path, args.sessions, args.threads)
+            limit = step_limit(path, args.sessions, args.threads, backend_of(name))
             rows = {}
             for batching, extra in (
                 ("batched", ["--max-batch-size", str(max(args.sessions))]),
                 ("unbatched", ["--max-batch-size", "1"]),
             ):
-                proc, target = serve(path.parent, args.threads, extra)
+                proc, target = serve(path.parent, args.threads, [*extra, "--backend", backend_of(name)])
                 try:
                     counts = args.sessions if batching == "batched" else [n for n in args.sessions if n <= 64]
                     for n in counts:
@@ -258,6 +278,7 @@ def print_report(report: dict) -> None:
         "(a) model tok/s",
         "(b) transport tok/s",
         "e2e/min(a,b)",
+        "e2e/(ab/(a+b))",
         "(c) unbatched tok/s",
         "e2e/(c)",
         "TTFT p50 ms",
@@ -280,6 +301,7 @@ def print_report(report: dict) -> None:
                     a,
                     b,
                     f"{e2e['tokens_per_s'] / min(a, b):.0%}",
+                    f"{e2e['tokens_per_s'] * (a + b) / (a * b):.0%}",
                     unbatched if unbatched is not None else "-",
                     f"{e2e['tokens_per_s'] / unbatched:.1f}x" if unbatched else "-",
                     e2e["ttft_ms"]["p50"],

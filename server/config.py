@@ -25,7 +25,7 @@ class ServeSettings(BaseSettings):
     metrics_port: int = Field(
         8000, ge=0, le=65535, description="Prometheus /metrics over HTTP; 0 picks a free port"
     )
-    backend: Literal["auto", "torch", "triton"] = "auto"
+    backend: Literal["auto", "torch", "triton", "synthetic"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(2, ge=1, le=256, description="torch intra-op threads of the step")

@@ -11,6 +11,8 @@ so a session's output never depends on server load (torch: on CPU; triton: every
     torch   the CPU default and the reference; batched torch ops.
     triton  one fused kernel per layer plus a head kernel, CUDA graphs per batch bucket.
             Its logits are a view of a static buffer that the next step overwrites.
+    synthetic  no model arithmetic: a running hash per session picks a likely token, so a
+            benchmark sees what the server costs apart from the model (meaningless text).
 Pool operations (allocate, fork, export...) must not run during a step. Triton is imported
 only when the triton backend is built.
 
@@ -26,11 +28,12 @@ import torch
 from torch import Tensor
 
 from server.kernels.state_pool import StatePool
+from server.kernels.synthetic_step import SyntheticStep
 from server.kernels.torch_step import TorchStep
 from server.kernels.weights import default_dtype
 from server.model import RecurrentLM
 
-BackendName = Literal["auto", "torch", "triton"]
+BackendName = Literal["auto", "torch", "triton", "synthetic"]
 
 
 class StepBackend(Protocol):
@@ -64,4 +67,6 @@ def make_backend(
         from server.kernels.triton_step import TritonStep  # needs triton
 
         return TritonStep(model, pool, dtype)
-    raise ValueError(f"unknown step backend {backend!r}: use auto, torch or triton")
+    if backend == "synthetic":
+        return SyntheticStep(pool, model.config.vocab_size)
+    raise ValueError(f"unknown step backend {backend!r}: use auto, torch, triton or synthetic")
