@@ -158,7 +158,9 @@ def serve(models_dir: Path, threads: int, extra: list[str]) -> tuple[subprocess.
     return proc, target
 
 
-def client_bench(target: str, model: str, sessions: int, duration: float, max_tokens: int) -> dict:
+def client_bench(
+    target: str, model: str, sessions: int, duration: float, max_tokens: int, stream_interval: int = 1
+) -> dict:
     out = subprocess.run(
         [
             str(BIN / "lstm-client"),
@@ -177,6 +179,8 @@ def client_bench(target: str, model: str, sessions: int, duration: float, max_to
             "--no-progress",
             "--seed",
             "1",
+            "--stream-interval",
+            str(stream_interval),
         ],
         capture_output=True,
         text=True,
@@ -235,6 +239,12 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=2, help="the server's (and the step limit's) torch threads"
     )
+    parser.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per message (the transport limit (b) is then per message: a*N*b/(a+N*b) is the bound)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_bench.json")
     args = parser.parse_args()
     report = {"machine": machine(), "settings": vars(args) | {"out": str(args.out)}, "models": {}}
@@ -255,7 +265,7 @@ def main() -> None:
                     for n in counts:
                         print(f"{name}: {batching}, {n} sessions", file=sys.stderr)
                         rows.setdefault(n, {})[batching] = client_bench(
-                            target, name, n, args.duration, args.max_tokens
+                            target, name, n, args.duration, args.max_tokens, args.stream_interval
                         )
                 finally:
                     stop(proc)
@@ -291,6 +301,7 @@ def print_report(report: dict) -> None:
         for n, runs in m["runs"].items():
             e2e = runs["batched"]
             a, b = m["step_limit_tokens_per_s"][n], m["transport_limit_tokens_per_s"][n]
+            b *= report["settings"]["stream_interval"]  # (b) counts messages of one token each
             unbatched = runs.get("unbatched", {}).get("tokens_per_s")
             itl = e2e["itl_ms"]
             rows.append(

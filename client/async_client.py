@@ -118,11 +118,14 @@ class AsyncClient:
         seed: int | None = None,
         takeover: bool = False,
         ignore_eos: bool = False,
+        stream_interval: int = 1,
     ) -> AsyncTokenStream:
         """Feed `prompt`, then generate; `async for` over the result gets tokens as they arrive.
 
         Without `session_id`, a temporary session on `model` is used (and deleted after).
         `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop.
+        `stream_interval`: tokens per message from the server (fewer messages; a token arrives with
+        its message, once the message's last one is generated); they are yielded one by one all the same.
         """
         request = generate_request(
             prompt,
@@ -137,6 +140,7 @@ class AsyncClient:
             seed=seed,
             takeover=takeover,
             ignore_eos=ignore_eos,
+            stream_interval=stream_interval,
         )
         call = self.stub.Generate(
             request, metadata=self.options.metadata(), timeout=self.options.stream_timeout

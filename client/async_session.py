@@ -218,20 +218,24 @@ class AsyncSession(SessionHandle):
         top_p: float | None = None,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        stream_interval: int = 1,
     ) -> AsyncTokenStream:
         """Feed `prompt` (if any), then generate; `async for` over the result gets tokens as they arrive.
-        `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop."""
+        `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop.
+        `stream_interval`: tokens per message from the server (fewer messages; a token arrives with
+        its message, once the message's last one is generated); they are yielded one by one all the same."""
+        generate = pb.GenerateTokensRequest(  # first: a value out of range sends nothing
+            max_tokens=max_tokens,
+            sampling=make_sampling(temperature, top_k, top_p),
+            stop=list(stop),
+            ignore_eos=ignore_eos,
+            stream_interval=stream_interval,
+        )
         attachment = await self._attached()
         if prompt:
             await attachment.send(
                 pb.StreamRequest(feed=pb.FeedRequest(input=make_input(prompt))), answered=False
             )
-        generate = pb.GenerateTokensRequest(
-            max_tokens=max_tokens,
-            sampling=make_sampling(temperature, top_k, top_p),
-            stop=list(stop),
-            ignore_eos=ignore_eos,
-        )
         request_id = await attachment.send(pb.StreamRequest(generate=generate))
         return AsyncTokenStream(
             attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id

@@ -4,6 +4,10 @@ Each worker drives one session over a Stream call: (feed the prompt, if any, the
 generate up to `max_tokens`, again and again, until the duration or the token budget
 is spent. A failed request is counted under its gRPC status; the worker then starts
 over on a new session.
+
+Latencies are per token, a token arriving with its message: with `stream_interval` N > 1
+the tokens of one message are 0 ms apart, and the first message's arrival is the time to
+first token.
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class BenchConfig:
     """Session i gets seed + i; None: random seeds."""
     ignore_eos: bool = False
     """Generate past <eos>: every request then runs to `max_tokens`."""
+    stream_interval: int = 1
+    """Generated tokens per message from the server (0 or 1: each in its own)."""
     progress: bool = True
 
 
@@ -69,6 +75,7 @@ class BenchResult:
             "model": self.config.model,
             "sessions": self.config.sessions,
             "max_tokens": self.config.max_tokens,
+            "stream_interval": max(1, self.config.stream_interval),  # 0 means 1
             "prompt_bytes": len(self.config.prompt.encode()),
             "duration_s": round(self.elapsed_s, 3),
             "requests": self.requests,
@@ -140,15 +147,21 @@ class _Run:
                 top_k=c.top_k,
                 top_p=c.top_p,
                 ignore_eos=c.ignore_eos,
+                stream_interval=c.stream_interval,
             )
+            received = 0  # tokens of the messages received (a message's all count once it arrives)
             async for _ in stream:
-                now = time.perf_counter()
+                if len(stream.tokens) > received:  # the first token of a message: it just arrived
+                    received = len(stream.tokens)
+                    now = time.perf_counter()
+                    if now >= self.deadline:
+                        await stream.cancel()
+                else:  # another token of the same message: it arrived then too
+                    now = last
                 (self.result.itl_s if got else self.result.ttft_s).append(now - last)
                 last = now
                 got += 1
                 self.result.tokens += 1
-                if now >= self.deadline:
-                    await stream.cancel()
             self.result.requests += 1
         finally:
             self.claimed -= claim - got
@@ -201,8 +214,19 @@ def report(result: BenchResult) -> str:
     d = result.to_dict()
     errors = ", ".join(f"{code} {n}" for code, n in sorted(d["errors"].items())) or "none"
     summary = table(
-        ("model", "sessions", "duration_s", "requests", "tokens", "tokens/s", "errors"),
-        [(d["model"], d["sessions"], d["duration_s"], d["requests"], d["tokens"], d["tokens_per_s"], errors)],
+        ("model", "sessions", "duration_s", "requests", "tokens", "tokens/s", "stream_interval", "errors"),
+        [
+            (
+                d["model"],
+                d["sessions"],
+                d["duration_s"],
+                d["requests"],
+                d["tokens"],
+                d["tokens_per_s"],
+                d["stream_interval"],
+                errors,
+            )
+        ],
     )
     latency = table(
         ("latency (ms)", *(f"p{q}" for q in PERCENTILES)),

@@ -140,6 +140,25 @@ def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
         action="store_true",
         help="generate past <eos> (absorbed like any token) up to --max-tokens or a --stop",
     )
+    p.add_argument(
+        "--stream-interval",
+        type=stream_interval,
+        default=1,
+        metavar="N",
+        help="generated tokens per message from the server: fewer messages, each token arriving with"
+        " its message (default: %(default)s, each in its own)",
+    )
+
+
+def stream_interval(text: str) -> int:
+    """--stream-interval's value: a uint32 (0 counts as 1)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected a whole number of tokens per message, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

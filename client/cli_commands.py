@@ -104,6 +104,7 @@ def sampling(args: argparse.Namespace) -> dict[str, Any]:
         "top_p": args.top_p,
         "stop": args.stop,
         "ignore_eos": args.ignore_eos,
+        "stream_interval": args.stream_interval,
     }
 
 
@@ -299,6 +300,7 @@ def bench(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         ignore_eos=args.ignore_eos,
+        stream_interval=args.stream_interval,
         progress=args.progress,
     )
     result = asyncio.run(run_bench(args.target, options, config))

@@ -5,7 +5,8 @@ session comes back there or further. Between that position and what the client s
 restarted server may be behind (tokens the client saw were never made durable) or ahead
 (tokens it absorbed and logged were never delivered). So a handle keeps the tokens it knows
 were absorbed after the last durable position it heard of: those of its feeds (a feed's
-tokens are absorbed in order, and its events say where) and the generated ones it received.
+tokens are absorbed in order, and its events say where) and the generated ones it received
+(one per `token` event, or a whole `tokens` batch when the request had a stream_interval).
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ class TokenHistory:
             token = response.token
             self._place(token.position, [token.id])
             self._heard(token.position, token.durable_position)
+        elif event == "tokens":  # a batch (stream_interval > 1): consecutive tokens, in order
+            batch = response.tokens.tokens
+            if batch:
+                last = batch[-1]
+                self._place(last.position, [t.id for t in batch])
+                self._heard(last.position, max(t.durable_position for t in batch))
         elif event == "finished":
             finished = response.finished
             fed = self._feeds.pop(response.request_id, None)

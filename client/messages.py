@@ -63,6 +63,7 @@ def generate_request(
     seed: int | None,
     takeover: bool,
     ignore_eos: bool,
+    stream_interval: int,
 ) -> pb.GenerateRequest:
     return pb.GenerateRequest(
         session_id=session_id,
@@ -75,4 +76,5 @@ def generate_request(
         seed=seed,
         takeover=takeover,
         ignore_eos=ignore_eos,
+        stream_interval=stream_interval,
     )

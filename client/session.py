@@ -210,18 +210,22 @@ class Session(SessionHandle):
         top_p: float | None = None,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        stream_interval: int = 1,
     ) -> TokenStream:
         """Feed `prompt` (if any), then generate; iterate the result to get tokens as they arrive.
-        `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop."""
-        attachment = self._attached()
-        if prompt:
-            attachment.send(pb.StreamRequest(feed=pb.FeedRequest(input=make_input(prompt))), answered=False)
-        generate = pb.GenerateTokensRequest(
+        `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop.
+        `stream_interval`: tokens per message from the server (fewer messages; a token arrives with
+        its message, once the message's last one is generated); they are yielded one by one all the same."""
+        generate = pb.GenerateTokensRequest(  # first: a value out of range sends nothing
             max_tokens=max_tokens,
             sampling=make_sampling(temperature, top_k, top_p),
             stop=list(stop),
             ignore_eos=ignore_eos,
+            stream_interval=stream_interval,
         )
+        attachment = self._attached()
+        if prompt:
+            attachment.send(pb.StreamRequest(feed=pb.FeedRequest(input=make_input(prompt))), answered=False)
         request_id = attachment.send(pb.StreamRequest(generate=generate))
         return TokenStream(attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id)
 

@@ -112,11 +112,14 @@ class Client:
         seed: int | None = None,
         takeover: bool = False,
         ignore_eos: bool = False,
+        stream_interval: int = 1,
     ) -> TokenStream:
         """Feed `prompt`, then generate; iterate the result to get tokens as they arrive.
 
         Without `session_id`, a temporary session on `model` is used (and deleted after).
         `ignore_eos`: generate past <eos> (absorbed like any token) up to `max_tokens` or a stop.
+        `stream_interval`: tokens per message from the server (fewer messages; a token arrives with
+        its message, once the message's last one is generated); they are yielded one by one all the same.
         """
         request = generate_request(
             prompt,
@@ -131,6 +134,7 @@ class Client:
             seed=seed,
             takeover=takeover,
             ignore_eos=ignore_eos,
+            stream_interval=stream_interval,
         )
         call = self.stub.Generate(
             request, metadata=self.options.metadata(), timeout=self.options.stream_timeout

@@ -1,8 +1,13 @@
-"""One request's tokens, yielded as they arrive, then its `Finished` event."""
+"""One request's tokens, yielded as they arrive, then its `Finished` event.
+
+A request with `stream_interval` N > 1 gets its generated tokens N to a message (a `tokens`
+event); they are yielded one by one all the same.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import grpc
@@ -19,10 +24,11 @@ class _TokenStreamBase:
         self.session_id = session_id
         """The session generating (for Generate without a session: the temporary one)."""
         self.tokens: list[Token] = []
-        """The tokens received so far."""
+        """The tokens received so far (a message's all at once, from its first one yielded)."""
         self.finished: Finished | None = None
         """The final event; None until it arrives, and for a cancelled Generate call."""
         self._cancelled = False
+        self._pending: deque[Token] = deque()  # received, not yielded yet (the rest of a batch)
 
     @property
     def text(self) -> str:
@@ -36,15 +42,23 @@ class _TokenStreamBase:
             return self.finished.position
         return self.tokens[-1].position if self.tokens else 0
 
-    def _take(self, response: Response) -> Token | None:
-        """Record a response; its token, or None once finished."""
+    def _take(self, response: Response) -> bool:
+        """Record a response, queueing its tokens (one, or a batch's); False once finished."""
         if isinstance(response, pb.GenerateResponse) and response.session_id:
             self.session_id = response.session_id
-        if response.WhichOneof("event") == "finished":
+        event = response.WhichOneof("event")
+        if event == "finished":
             self.finished = response.finished
-            return None
-        self.tokens.append(response.token)
-        return response.token
+            return False
+        if event == "tokens":
+            batch: list[Token] = list(response.tokens.tokens)
+        elif event == "token":
+            batch = [response.token]
+        else:  # an event this client does not know
+            batch = []
+        self.tokens += batch
+        self._pending.extend(batch)
+        return True
 
     def _ends_quietly(self, error: grpc.RpcError) -> bool:
         """A call this object cancelled ends without an error."""
@@ -65,17 +79,18 @@ class TokenStream(_TokenStreamBase):
         return self
 
     def __next__(self) -> Token:
-        if self.finished is not None:
-            raise StopIteration
-        try:
-            token = self._take(next(self._responses))
-        except grpc.RpcError as e:
-            if self._ends_quietly(e):
-                raise StopIteration from None
-            raise StatusError.from_rpc(e) from e
-        if token is None:
-            raise StopIteration
-        return token
+        while not self._pending:
+            if self.finished is not None:
+                raise StopIteration
+            try:
+                more = self._take(next(self._responses))
+            except grpc.RpcError as e:
+                if self._ends_quietly(e):
+                    raise StopIteration from None
+                raise StatusError.from_rpc(e) from e
+            if not more:
+                raise StopIteration
+        return self._pending.popleft()
 
     def cancel(self) -> None:
         """Ask the server to stop; iteration then ends (a session's request finishes CANCELLED)."""
@@ -106,22 +121,23 @@ class AsyncTokenStream(_TokenStreamBase):
         return self
 
     async def __anext__(self) -> Token:
-        if self.finished is not None:
-            raise StopAsyncIteration
-        try:
-            token = self._take(await anext(self._responses))
-        except grpc.RpcError as e:
-            if self._ends_quietly(e):
-                raise StopAsyncIteration from None
-            raise StatusError.from_rpc(e) from e
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self._cancelled and task is not None and not task.cancelling():
-                raise StopAsyncIteration from None  # grpc.aio's way of ending a call cancel() ended
-            raise
-        if token is None:
-            raise StopAsyncIteration
-        return token
+        while not self._pending:
+            if self.finished is not None:
+                raise StopAsyncIteration
+            try:
+                more = self._take(await anext(self._responses))
+            except grpc.RpcError as e:
+                if self._ends_quietly(e):
+                    raise StopAsyncIteration from None
+                raise StatusError.from_rpc(e) from e
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if self._cancelled and task is not None and not task.cancelling():
+                    raise StopAsyncIteration from None  # grpc.aio's way of ending a call cancel() ended
+                raise
+            if not more:
+                raise StopAsyncIteration
+        return self._pending.popleft()
 
     async def cancel(self) -> None:
         """Ask the server to stop; iteration then ends (a session's request finishes CANCELLED)."""

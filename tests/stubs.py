@@ -58,6 +58,8 @@ def generate(
     for response in stub.Generate(request, timeout=60):
         if response.HasField("token"):
             tokens.append(response.token.id)
+        elif response.HasField("tokens"):  # stream_interval > 1
+            tokens += [t.id for t in response.tokens.tokens]
         else:
             finished = response.finished
     return tokens, finished

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import socket
@@ -14,8 +15,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from client import Client, ClientOptions, StatusError, TokenStream
-from client.bench import BenchConfig, BenchResult, percentile, report
+from client import AsyncTokenStream, Client, ClientOptions, StatusError, TokenStream
+from client.bench import BenchConfig, BenchResult, _Run, percentile, report
 from client.cli import build_parser
 from client.errors import SessionDataLostError
 from client.history import KEEP, TokenHistory
@@ -119,6 +120,9 @@ def test_bench_report_fields():
     assert set(d["ttft_ms"]) == set(d["itl_ms"]) == {"p50", "p95", "p99"}
     assert d["itl_ms"]["p99"] == pytest.approx(1.0)
     assert BenchResult(BenchConfig(model="tiny")).to_dict()["ttft_ms"]["p50"] is None
+    assert d["stream_interval"] == 1 and "stream_interval" in report(result)
+    assert BenchResult(BenchConfig(model="tiny", stream_interval=0)).to_dict()["stream_interval"] == 1
+    assert BenchResult(BenchConfig(model="tiny", stream_interval=4)).to_dict()["stream_interval"] == 4
     assert "UNAVAILABLE 1" in report(result) and "time to first token" in report(result)
 
 
@@ -153,6 +157,8 @@ def test_unreachable_server_is_one_line_and_exit_1():
         ["generate", "--session", "ID", "--seed", "1", "x"],
         ["generate", "--session", "ID", "--new-session"],
         ["bench", "--max-tokens", "0"],
+        ["bench", "--stream-interval", "-1"],
+        ["generate", "--stream-interval", "four", "x"],
         ["no-such-command"],
     ],
 )
@@ -275,3 +281,96 @@ def test_token_history_tracks_what_resume_needs():
 
     handle = TokenHistory(None)  # a handle by id knows nothing: resume just attaches
     assert handle.reconcile("s", pb.Session(position=42)) == ([], None) and handle.end == 42
+
+
+def batch(*tokens: tuple[int, int], durable: int = 0) -> pb.TokenBatch:
+    """A `tokens` event's batch of (id, position)."""
+    return pb.TokenBatch(
+        tokens=[pb.Token(id=i, text=chr(i), position=p, durable_position=durable) for i, p in tokens]
+    )
+
+
+def test_token_stream_yields_a_batchs_tokens_one_by_one():
+    def responses():
+        yield pb.GenerateResponse(tokens=batch((104, 2), (105, 3), (106, 4)), session_id="s1")
+        yield pb.GenerateResponse(tokens=batch((107, 5)), session_id="s1")
+        yield pb.GenerateResponse(finished=pb.Finished(generated_tokens=4, position=5), session_id="s1")
+
+    stream = TokenStream(responses(), cancel=lambda: None)
+    assert next(stream).text == "h"
+    assert stream.text == "hij" and stream.position == 4  # the whole message has arrived
+    assert [t.position for t in stream] == [3, 4, 5] and stream.finished.position == 5
+    assert list(stream) == [] and stream.text == "hijk" and stream.session_id == "s1"
+
+    def cut():
+        yield pb.GenerateResponse(tokens=batch((104, 2), (105, 3)))
+        raise CancelledCall()
+
+    cancelled = TokenStream(cut(), cancel=lambda: None)
+    next(cancelled)
+    cancelled.cancel()
+    assert [t.id for t in cancelled] == [105] and cancelled.finished is None  # the rest, then quietly
+    failing = TokenStream(cut(), cancel=lambda: None)
+    assert [next(failing).id, next(failing).id] == [104, 105]  # a message's tokens come before an error
+    with pytest.raises(StatusError):
+        next(failing)
+
+
+async def test_async_token_stream_yields_a_batchs_tokens_one_by_one():
+    async def responses():
+        yield pb.StreamResponse(tokens=batch((104, 2), (105, 3)))
+        yield pb.StreamResponse(tokens=pb.TokenBatch())  # an empty batch yields nothing
+        yield pb.StreamResponse(token=pb.Token(id=106, text="j", position=4))
+        yield pb.StreamResponse(finished=pb.Finished(generated_tokens=3, position=4))
+
+    async def cancel() -> None:
+        pass
+
+    stream = AsyncTokenStream(responses(), cancel)
+    assert (await anext(stream)).id == 104 and len(stream.tokens) == 2
+    assert [t.id async for t in stream] == [105, 106] and stream.finished.position == 4
+
+
+def test_token_history_counts_a_batch_as_all_its_tokens():
+    history = TokenHistory(pb.Session(id="s", position=3, durable_position=3))
+    history.sent(pb.StreamRequest(request_id="1", generate=pb.GenerateTokensRequest(stream_interval=4)))
+    history.received(
+        pb.StreamResponse(request_id="1", tokens=batch((7, 4), (8, 5), (9, 6), (10, 7), durable=3))
+    )
+    history.received(pb.StreamResponse(request_id="1", tokens=batch((11, 8), (12, 9), durable=5)))
+    assert (history.position, history.durable, history.end) == (9, 5, 9)  # positions 6-9 are kept
+    assert history.reconcile("s", pb.Session(position=5, durable_position=5)) == ([9, 10, 11, 12], None)
+    history.received(pb.StreamResponse(request_id="2", tokens=batch((9, 6), (10, 7), (11, 8), (12, 9))))
+    assert history.reconcile("s", pb.Session(position=12, durable_position=5)) == ([], 9)  # ahead
+    history.caught_up(9, [13, 14, 15])
+    assert (history.position, history.end) == (12, 12)
+    history.received(pb.StreamResponse(request_id="3", tokens=pb.TokenBatch()))  # nothing: nothing changes
+    assert (history.position, history.end) == (12, 12)
+
+
+async def test_bench_times_a_batchs_tokens_at_their_message():
+    """A token arrives with its message: the first message is the time to first token, and the
+    other tokens of a message are 0 ms after the one before."""
+    gap = 0.05
+
+    class Session:
+        async def generate(self, prompt, *, max_tokens, stream_interval, **sampling):
+            async def responses():
+                for start in range(0, max_tokens, stream_interval):
+                    await asyncio.sleep(gap)
+                    positions = range(start + 2, min(start + stream_interval, max_tokens) + 2)
+                    yield pb.StreamResponse(tokens=batch(*((97, p) for p in positions)))
+                yield pb.StreamResponse(finished=pb.Finished(generated_tokens=max_tokens))
+
+            async def cancel() -> None:
+                pass
+
+            return AsyncTokenStream(responses(), cancel)
+
+    run = _Run(None, BenchConfig(model="m", max_tokens=10, tokens=10, stream_interval=4))  # type: ignore[arg-type]
+    await run.request(Session())  # type: ignore[arg-type]
+    result = run.result
+    assert (result.requests, result.tokens, len(result.ttft_s), len(result.itl_s)) == (1, 10, 1, 9)
+    assert result.ttft_s[0] >= gap
+    spanning = [i for i, v in enumerate(result.itl_s) if v > 0]  # 4,4,2: gaps 4 and 8 span messages
+    assert spanning == [3, 7] and all(result.itl_s[i] >= gap * 0.9 for i in spanning)

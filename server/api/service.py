@@ -19,7 +19,7 @@ from server.api.auth import Authenticator
 from server.api.streams import Opened, run_generate, run_stream
 from server.engine.core import Engine
 from server.errors import ServeError
-from server.sessions.jobs import Event, TokenEvent
+from server.sessions.jobs import Event, TokenBatchEvent, TokenEvent
 from server.sessions.principal import Principal
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,9 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
         """Time to first token and inter-token latency of generated tokens."""
         if isinstance(event, TokenEvent) and event.latency is not None:
             self.metrics.observe_token_latency(model, event.first, event.latency)
+        elif isinstance(event, TokenBatchEvent):  # each token's time is when it was absorbed
+            for token in event.tokens:
+                self.metrics.observe_token_latency(model, token.first, token.latency)
 
     @unary
     async def ListModels(self, request, principal):

@@ -21,7 +21,7 @@ from server.config import ServeSettings
 from server.engine.registry import ModelRuntime
 from server.errors import InvalidArgument
 from server.sampling import SamplingParams
-from server.sessions.jobs import FinishedEvent, FinishReason, GenerateSpec, TokenEvent
+from server.sessions.jobs import FinishedEvent, FinishReason, GenerateSpec, TokenBatchEvent, TokenEvent
 from server.sessions.principal import Principal
 from server.sessions.store import Session
 
@@ -160,7 +160,13 @@ def generate_spec(
         raise InvalidArgument(
             f"stop takes at most {MAX_STOP_SEQUENCES} non-empty sequences of at most {MAX_STOP_LENGTH} characters"
         )
-    return GenerateSpec(max_tokens or limit, sampling(request.sampling), stop, request.ignore_eos)
+    return GenerateSpec(
+        max_tokens or limit,
+        sampling(request.sampling),
+        stop,
+        request.ignore_eos,
+        max(1, request.stream_interval),
+    )
 
 
 def generate_call(request: pb.GenerateRequest, settings: ServeSettings, principal: Principal) -> GenerateCall:
@@ -283,15 +289,25 @@ def finished_message(event: FinishedEvent) -> pb.Finished:
     )
 
 
-def generate_response(session: Session, event: TokenEvent | FinishedEvent) -> pb.GenerateResponse:
+def token_batch(event: TokenBatchEvent) -> pb.TokenBatch:
+    return pb.TokenBatch(tokens=[token_message(t) for t in event.tokens])
+
+
+def generate_response(
+    session: Session, event: TokenEvent | TokenBatchEvent | FinishedEvent
+) -> pb.GenerateResponse:
     if isinstance(event, TokenEvent):
         return pb.GenerateResponse(token=token_message(event), session_id=session.id)
+    if isinstance(event, TokenBatchEvent):
+        return pb.GenerateResponse(tokens=token_batch(event), session_id=session.id)
     return pb.GenerateResponse(finished=finished_message(event), session_id=session.id)
 
 
-def stream_response(event: Opened | TokenEvent | FinishedEvent) -> pb.StreamResponse:
+def stream_response(event: Opened | TokenEvent | TokenBatchEvent | FinishedEvent) -> pb.StreamResponse:
     if isinstance(event, Opened):
         return pb.StreamResponse(request_id=event.request_id, opened=session_message(event.session))
     if isinstance(event, TokenEvent):
         return pb.StreamResponse(request_id=event.request_id, token=token_message(event))
+    if isinstance(event, TokenBatchEvent):
+        return pb.StreamResponse(request_id=event.request_id, tokens=token_batch(event))
     return pb.StreamResponse(request_id=event.request_id, finished=finished_message(event))

@@ -50,6 +50,14 @@ class FinishedEvent:
     durable_position: int = 0
 
 
+@dataclass(slots=True)
+class TokenBatchEvent:
+    """A generate request's tokens, several per message (stream_interval > 1)."""
+
+    request_id: str
+    tokens: list[TokenEvent]
+
+
 @dataclass(frozen=True)
 class ErrorEvent:
     """Ends the stream with an error (the session was deleted, expired or taken over)."""
@@ -57,7 +65,7 @@ class ErrorEvent:
     error: Exception
 
 
-Event = TokenEvent | FinishedEvent | ErrorEvent
+Event = TokenEvent | TokenBatchEvent | FinishedEvent | ErrorEvent
 
 
 class Outbox:
@@ -95,6 +103,7 @@ class GenerateSpec:
     ignore_eos: bool = (
         False  # <eos> is absorbed like any token; only max_tokens or a stop sequence ends the job
     )
+    stream_interval: int = 1  # generated tokens per event: N > 1 sends TokenBatchEvents
 
 
 @dataclass(eq=False)
@@ -116,6 +125,7 @@ class Job:
     _last_token_at: float | None = None
     _decoder: tokenizer.IncrementalDecoder = field(default_factory=tokenizer.IncrementalDecoder)
     _text_tail: str = ""  # the end of the generated text, long enough to match stop sequences
+    _unsent: list[TokenEvent] = field(default_factory=list)  # generated, waiting for stream_interval
 
     @property
     def feeding(self) -> bool:
@@ -157,11 +167,15 @@ class Job:
         now = time.perf_counter()
         latency = now - (self._last_token_at or self.created_at)
         self._last_token_at = now
-        self.outbox.put(
-            TokenEvent(
-                self.request_id, token, text, logprob, position, durable, (), latency, self.generated == 1
-            )
+        event = TokenEvent(
+            self.request_id, token, text, logprob, position, durable, (), latency, self.generated == 1
         )
+        if self.generate.stream_interval <= 1:
+            self.outbox.put(event)
+        else:
+            self._unsent.append(event)
+            if len(self._unsent) == self.generate.stream_interval:
+                self._send_unsent()
         reason = self._finish_reason(token, text)
         if reason is not None:
             self.finish(reason, position, durable)
@@ -178,9 +192,15 @@ class Job:
             return FinishReason.LENGTH
         return None
 
+    def _send_unsent(self) -> None:
+        if self._unsent:
+            self.outbox.put(TokenBatchEvent(self.request_id, self._unsent))
+            self._unsent = []
+
     def finish(self, reason: FinishReason, position: int, durable: int = 0) -> None:
         if not self.done:
             self.done = True
+            self._send_unsent()
             self.outbox.put(
                 FinishedEvent(self.request_id, reason, self.fed, self.generated, position, durable)
             )

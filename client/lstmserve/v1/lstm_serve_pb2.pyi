@@ -281,7 +281,7 @@ class ImportSessionResponse(_message.Message):
     def __init__(self, session: _Optional[_Union[Session, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("session_id", "model", "model_version", "prompt", "sampling", "max_tokens", "stop", "seed", "takeover", "ignore_eos")
+    __slots__ = ("session_id", "model", "model_version", "prompt", "sampling", "max_tokens", "stop", "seed", "takeover", "ignore_eos", "stream_interval")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -292,6 +292,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     TAKEOVER_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     model: str
     model_version: str
@@ -302,17 +303,26 @@ class GenerateRequest(_message.Message):
     seed: int
     takeover: bool
     ignore_eos: bool
-    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., prompt: _Optional[_Union[Input, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., takeover: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    stream_interval: int
+    def __init__(self, session_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., prompt: _Optional[_Union[Input, _Mapping]] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., max_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., takeover: _Optional[bool] = ..., ignore_eos: _Optional[bool] = ..., stream_interval: _Optional[int] = ...) -> None: ...
+
+class TokenBatch(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[Token]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[Token, _Mapping]]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
-    __slots__ = ("token", "finished", "session_id")
+    __slots__ = ("token", "finished", "tokens", "session_id")
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     token: Token
     finished: Finished
+    tokens: TokenBatch
     session_id: str
-    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
+    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., session_id: _Optional[str] = ...) -> None: ...
 
 class OpenStream(_message.Message):
     __slots__ = ("session_id", "takeover")
@@ -333,16 +343,18 @@ class FeedRequest(_message.Message):
     def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
 
 class GenerateTokensRequest(_message.Message):
-    __slots__ = ("max_tokens", "sampling", "stop", "ignore_eos")
+    __slots__ = ("max_tokens", "sampling", "stop", "ignore_eos", "stream_interval")
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     IGNORE_EOS_FIELD_NUMBER: _ClassVar[int]
+    STREAM_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     max_tokens: int
     sampling: SamplingOptions
     stop: _containers.RepeatedScalarFieldContainer[str]
     ignore_eos: bool
-    def __init__(self, max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ...) -> None: ...
+    stream_interval: int
+    def __init__(self, max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ..., ignore_eos: _Optional[bool] = ..., stream_interval: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("target_request_id",)
@@ -365,13 +377,15 @@ class StreamRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenStream, _Mapping]] = ..., feed: _Optional[_Union[FeedRequest, _Mapping]] = ..., generate: _Optional[_Union[GenerateTokensRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("request_id", "opened", "token", "finished")
+    __slots__ = ("request_id", "opened", "token", "finished", "tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OPENED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     opened: Session
     token: Token
     finished: Finished
-    def __init__(self, request_id: _Optional[str] = ..., opened: _Optional[_Union[Session, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ...) -> None: ...
+    tokens: TokenBatch
+    def __init__(self, request_id: _Optional[str] = ..., opened: _Optional[_Union[Session, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ...) -> None: ...
