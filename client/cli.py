@@ -10,6 +10,7 @@ from pathlib import Path
 # gRPC's own log lines would break the one-line errors; read when grpc is first imported.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
+from client import chat
 from client import cli_commands as c
 from client.cli_commands import (
     EXIT_BROKEN_PIPE,
@@ -23,6 +24,7 @@ from client.cli_commands import (
 from client.errors import LstmServeError, StatusError
 from client.options import DEFAULT_TARGET
 
+DEFAULT_TEMPERATURE = 0.8  # generate and chat: what people pick for text (bench samples at 1)
 EPILOG = f"""\
 exit codes:
   {EXIT_OK}    success
@@ -106,7 +108,9 @@ def add_global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> No
     )
 
 
-def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
+def add_sampling_options(
+    p: argparse.ArgumentParser, max_tokens: int, temperature: float | None = None
+) -> None:
     p.add_argument("--model", metavar="NAME", help="model name (default: the only one served, or 'default')")
     p.add_argument(
         "--model-version", default="", metavar="VERSION", help="model version (default: the newest loaded)"
@@ -119,7 +123,11 @@ def add_sampling_options(p: argparse.ArgumentParser, max_tokens: int) -> None:
         help="tokens to generate (0: the server's limit; default: %(default)s)",
     )
     p.add_argument(
-        "--temperature", type=float, metavar="T", help="sampling temperature; 0 is greedy (default: 1)"
+        "--temperature",
+        type=float,
+        default=temperature,
+        metavar="T",
+        help=f"sampling temperature; 0 is greedy (default: {1 if temperature is None else temperature:g})",
     )
     p.add_argument(
         "--top-k", type=int, default=0, metavar="K", help="sample among the K likeliest tokens (0: off)"
@@ -186,15 +194,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--new-session", action="store_true", help="create a session, keep it and print its id on stderr"
     )
     p.add_argument("--takeover", action="store_true", help="take the session over from a stream driving it")
-    add_sampling_options(p, max_tokens=200)
+    add_sampling_options(p, max_tokens=200, temperature=DEFAULT_TEMPERATURE)
     p.set_defaults(run=c.generate)
 
-    p = command(commands, "chat", "interactive loop on one session: each line is fed and the model continues")
+    p = command(
+        commands,
+        "chat",
+        "interactive loop on one session: each line is fed and the model continues (/help: its commands)",
+    )
     p.add_argument("--session", metavar="ID", help="chat on this session (default: a new one)")
     p.add_argument("--keep", action="store_true", help="keep the new session and print its id on stderr")
     p.add_argument("--takeover", action="store_true", help="take the session over from a stream driving it")
-    add_sampling_options(p, max_tokens=200)
-    p.set_defaults(run=c.chat)
+    add_sampling_options(p, max_tokens=200, temperature=DEFAULT_TEMPERATURE)
+    p.set_defaults(run=chat.chat)
 
     sessions = command(commands, "sessions", "manage sessions").add_subparsers(
         dest="action", required=True, metavar="ACTION"

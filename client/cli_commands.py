@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import signal
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,58 +129,6 @@ def generate(args: argparse.Namespace) -> int:
         )
         print_stream(stream, args.json)
     return EXIT_OK
-
-
-def _read_line() -> str | None:
-    try:
-        return input() + "\n"
-    except EOFError:
-        return None
-
-
-def chat(args: argparse.Namespace) -> int:
-    if args.session and args.seed is not None:
-        raise UsageError("--seed sets a new session's seed; --session continues an existing one")
-    interactive = sys.stdin.isatty()
-    if interactive:
-        with contextlib.suppress(ImportError):
-            import readline  # noqa: F401  (line editing for input())
-    with connect(args) as client:
-        if args.session:
-            session = client.session(args.session)
-        else:
-            model = resolve_model(client, args.model)
-            session = client.create_session(
-                model, model_version=args.model_version, seed=args.seed, keep=args.keep
-            )
-        with session:
-            session.attach(takeover=args.takeover)
-            if session.keep:
-                print(session.id, file=sys.stderr, flush=True)
-            while True:
-                if interactive:
-                    print("> ", end="", file=sys.stderr, flush=True)
-                if (line := _read_line()) is None:
-                    break
-                stream = session.generate(line, **sampling(args))
-                with _sigint_cancels(stream):  # Ctrl-C stops this answer; at the prompt, the chat
-                    print_stream(stream, args.json)
-    return EXIT_OK
-
-
-@contextlib.contextmanager
-def _sigint_cancels(stream: TokenStream) -> Iterator[None]:
-    """While inside, the first Ctrl-C cancels `stream` (which then finishes); a second one interrupts."""
-
-    def on_sigint(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGINT, previous)
-        stream.cancel()
-
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _print_session(info: SessionInfo, as_json: bool, *, id_only: bool) -> None:

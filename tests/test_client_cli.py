@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from client import Client, TokenStream
+from client.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = "tiny"
@@ -191,12 +192,58 @@ def test_chat_keeps_state_across_turns(server):
     assert finished[1]["position"] == finished[0]["position"] + len("there\n") + len(turns[1])
     with Client(server.target) as client:
         assert client.get_session(session_id).position == finished[1]["position"]
-        with client.create_session(
-            TINY, seed=4
-        ) as replay:  # the same turns on one session give the same answers
-            assert ids(replay.generate("hi\n", max_tokens=4)) == turns[0]
-            assert ids(replay.generate("there\n", max_tokens=4)) == turns[1]
+        with client.create_session(TINY, seed=4) as replay:  # the same turns give the same answers
+            assert ids(replay.generate("hi\n", max_tokens=4, temperature=0.8)) == turns[0]  # chat's default
+            assert ids(replay.generate("there\n", max_tokens=4, temperature=0.8)) == turns[1]
         client.delete_session(session_id)
+
+
+def chat_turns(target: str, lines: str, *extra: str) -> tuple[list[list[dict]], str]:
+    """Run `lstm-client chat --json` on `lines`: each answer's token events, and stderr."""
+    result = lstm_client(
+        target, "chat", "--model", TINY, "--seed", "4", "--max-tokens", "4", "--json", *extra, input=lines
+    )
+    turns: list[list[dict]] = [[]]
+    for event in jsonl(ok(result)):
+        if "token" in event:
+            turns[-1].append(event["token"])
+        else:
+            turns.append([])
+    return turns[:-1], result.stderr
+
+
+def test_generate_and_chat_sample_at_temperature_0_8_unless_told():
+    parser = build_parser()
+    assert parser.parse_args(["generate", "x"]).temperature == 0.8
+    assert parser.parse_args(["chat"]).temperature == 0.8
+    assert parser.parse_args(["generate", "x", "--temperature", "1.5"]).temperature == 1.5
+    assert parser.parse_args(["bench"]).temperature is None  # the server's default, 1
+
+
+def test_chat_commands_reset_fork_set_the_temperature_and_quit(server):
+    lines = "hi\n/help\n/temperature 0\nhi\n/reset\nhi\n/fork\nhi\n//x\n/bogus\n/quit\nnever sent\n"
+    turns, stderr = chat_turns(server.target, lines, "--keep")
+    for command in ("/reset", "/fork", "/temperature T", "/quit"):
+        assert command in stderr  # /help lists them
+    assert "unknown command '/bogus'" in stderr
+    assert len(turns) == 5  # hi, hi, hi, hi, //x; nothing after /quit
+    session_id, fork_id = stderr.splitlines()[0], stderr.split("now on fork ")[1].split()[0]
+    with Client(server.target) as client, client.create_session(TINY, seed=4) as replay:
+        first = ids(replay.generate("hi\n", max_tokens=4, temperature=0.8))
+        assert [t["id"] for t in turns[0]] == first
+        greedy = ids(replay.generate("hi\n", max_tokens=4, temperature=0))
+        assert [t["id"] for t in turns[1]] == greedy
+        replay.reset()
+        after_reset = ids(replay.generate("hi\n", max_tokens=4, temperature=0))
+        assert [t["id"] for t in turns[2]] == after_reset
+        assert turns[2][0]["position"] == 1 + len("hi\n") + 1  # from a new session's state
+        assert [t["id"] for t in turns[3]] == ids(replay.generate("hi\n", max_tokens=4, temperature=0))
+        assert [t["id"] for t in turns[4]] == ids(replay.generate("/x\n", max_tokens=4, temperature=0))
+        original = client.get_session(session_id)  # kept where it was when forked
+        assert original.position == turns[2][-1]["position"]
+        assert client.get_session(fork_id).position == turns[4][-1]["position"]
+        client.delete_session(session_id)
+        client.delete_session(fork_id)
 
 
 def test_chat_in_text_mode_deletes_its_session(server):
