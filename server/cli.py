@@ -42,6 +42,13 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--stop-after-steps", type=int, help="stop at this step, leaving a state that --resume continues"
     )
+    p.add_argument(
+        "--autocast",
+        choices=["auto", "bf16", "off"],
+        default="auto",
+        help="bf16 autocast: auto = on CUDA and on CPUs with native bf16 (avx512_bf16/amx_bf16); "
+        "off = fp32 (default: %(default)s)",
+    )
     p.add_argument("--eval-interval", type=int, default=200)
     p.add_argument("--eval-tokens", type=int, default=262_144)
     p.add_argument(

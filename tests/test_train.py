@@ -1,4 +1,5 @@
 import json
+import platform
 import shutil
 import signal
 import subprocess
@@ -16,7 +17,9 @@ from server.generate import generate_text
 from server.model import ModelConfig, RecurrentLM
 from server.sampling import SamplingParams
 from server.training.config import TrainConfig
-from server.training.corpus import load_corpus, stdlib_documents
+from server.training.corpus import load_corpus, recorded_source, stdlib_documents
+from server.training.precision import cpu_has_native_bf16, cpuinfo_flags, resolve_autocast
+from server.training.state import load_run_state
 from server.training.train import evaluate, train
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
@@ -64,7 +67,7 @@ def test_short_run_lowers_heldout_loss_and_the_checkpoint_samples(tmp_path, corp
     ckpt = checkpoint.load(cfg.out)
     summary = ckpt.meta.training
     assert ckpt.meta.model.cell == cell
-    assert summary.corpus_digest == corpus.digest and summary.corpus == [str(corpus_dir)]
+    assert summary.corpus_digest == corpus.digest and summary.corpus == [corpus_dir.name]  # no absolute path
     assert summary.heldout_bits_per_byte == result.heldout_bits_per_byte
     assert summary.tokens_seen == summary.steps * 8 * 32 and summary.seed == cfg.seed
     assert {"log.jsonl", "curves.png", "last.safetensors", "trainer.pt", "metrics.prom"} <= {
@@ -189,6 +192,13 @@ def test_resume_without_a_saved_run_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr
 
 
+def test_corpus_paths_are_recorded_without_the_machines_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert recorded_source("data/*.py") == "data/*.py"
+    assert recorded_source(str(tmp_path / "data" / "a.py")) == "data/a.py"
+    assert recorded_source("/srv/corpora/python") == "python"
+
+
 def test_default_corpus_is_the_stdlib_without_tests_or_site_packages():
     _, docs = stdlib_documents()
     names = [d.name for d in docs]
@@ -196,6 +206,85 @@ def test_default_corpus_is_the_stdlib_without_tests_or_site_packages():
     excluded = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
     assert not [n for n in names if excluded.intersection(Path(n).parts)]
     corpus = load_corpus([])
-    assert corpus.sources[0].startswith("python-stdlib:")
+    assert corpus.sources == [f"python-stdlib:{platform.python_version()}"]  # no install path recorded
     assert len(corpus.train) > 1_000_000 and 0 < len(corpus.heldout) < len(corpus.train) / 5
     assert load_corpus([]).digest == corpus.digest
+
+
+CPUINFO_X86 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+model name\t: AMD EPYC 9R14
+flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl {extra} rdpid
+"""
+
+
+@pytest.mark.parametrize(
+    "extra,native",
+    [("avx512_bf16", True), ("amx_bf16 amx_tile", True), ("avx512_vnni", False), ("", False)],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(extra, native):
+    assert cpu_has_native_bf16(CPUINFO_X86.format(extra=extra)) is native
+    assert "avx512f" in cpuinfo_flags(CPUINFO_X86.format(extra=extra))
+
+
+def test_no_flags_line_means_no_native_bf16():
+    assert cpu_has_native_bf16("processor : 0\nmodel name : something\n") is False
+    assert cpuinfo_flags("") == set()
+
+
+def test_autocast_auto_resolves_by_device_and_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_autocast("auto", cpu, native_bf16=True) == "bf16"
+    assert resolve_autocast("auto", cpu, native_bf16=False) == "off"
+    assert resolve_autocast("auto", cuda, native_bf16=False) == "bf16"
+    assert (
+        resolve_autocast("off", cuda) == "off" and resolve_autocast("bf16", cpu, native_bf16=False) == "bf16"
+    )
+    assert resolve_autocast("auto", cpu) in {"bf16", "off"}  # this machine's answer, whichever it is
+    with pytest.raises(ValueError):
+        TrainConfig(max_steps=1, autocast="fp16")
+
+
+def test_the_run_records_the_resolved_autocast_and_bf16_trains(tmp_path, corpus_dir):
+    cfg = TrainConfig(
+        corpus=[str(corpus_dir)],
+        out=tmp_path / "m.safetensors",
+        max_steps=40,
+        autocast="bf16",
+        lr=1e-2,
+        **SMALL,
+    )
+    torch.manual_seed(cfg.seed)
+    before = evaluate(
+        RecurrentLM(ModelConfig(hidden=48, embed=16)),
+        load_corpus(cfg.corpus).heldout,
+        cfg,
+        torch.device("cpu"),
+    )
+    result = train(cfg)
+    assert result.finished and result.heldout_bits_per_byte < before - 1.0
+    start = json.loads((cfg.run_dir / "log.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start" and start["config"]["autocast"] == "bf16"
+    saved, run = load_run_state(cfg.run_dir)
+    assert saved.autocast == "bf16" and run.carry.h.dtype == torch.float32  # the carry stays fp32
+
+
+def test_a_run_saved_before_the_autocast_setting_resumes_in_fp32_on_the_cpu(tmp_path, corpus_dir):
+    common = dict(corpus=[str(corpus_dir)], max_steps=30, autocast="off", **SMALL | {"eval_interval": 15})
+    straight = TrainConfig(out=tmp_path / "a" / "m.safetensors", **common)
+    assert train(straight).finished
+    split = TrainConfig(out=tmp_path / "b" / "m.safetensors", stop_after_steps=15, **common)
+    train(split)
+    trainer_pt = split.run_dir / "trainer.pt"
+    state = torch.load(trainer_pt, weights_only=True)
+    legacy = json.loads(state["config_json"])
+    del legacy["autocast"]  # as written before the setting existed
+    state["config_json"] = json.dumps(legacy)
+    torch.save(state, trainer_pt)
+    resumed = train(TrainConfig(out=split.out, resume=True, progress=False))
+    assert resumed.finished
+    a, b = (
+        checkpoint.load(tmp_path / "a" / "m.train/last.safetensors"),
+        checkpoint.load(split.run_dir / "last.safetensors"),
+    )
+    assert a.fingerprint == b.fingerprint

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from server.model import Cell
+from server.training.precision import Autocast
 
 
 class TrainConfig(BaseModel):
@@ -30,6 +31,9 @@ class TrainConfig(BaseModel):
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    # arithmetic: "auto" is bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere;
+    # a run stores the resolved choice ("bf16" or "off"), which --resume keeps (see precision.py)
+    autocast: Autocast = "auto"
     # length: the schedule spans max_steps; with only max_minutes it is estimated
     max_steps: int | None = Field(None, ge=1)
     max_minutes: float | None = Field(None, gt=0)

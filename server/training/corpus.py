@@ -36,7 +36,7 @@ class Document:
 
 @dataclass(frozen=True)
 class Corpus:
-    sources: list[str]  # what was asked for, as recorded in the checkpoint
+    sources: list[str]  # what was asked for, as recorded in the checkpoint (see recorded_source)
     digest: str  # sha256 over every document's name and content digest
     train: torch.Tensor  # int16 token stream
     heldout: torch.Tensor
@@ -54,7 +54,19 @@ def stdlib_documents() -> tuple[str, list[Document]]:
         for p in sorted(root.rglob("*.py"))
         if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1]) and p.is_file()
     ]
-    return f"python-stdlib:{platform.python_version()}:{root}", docs
+    return f"python-stdlib:{platform.python_version()}", docs  # the digest says which files exactly
+
+
+def recorded_source(source: str) -> str:
+    """A corpus path as the checkpoint records it: relative to the working directory when it is
+    inside it, else its last component, so that no build machine's absolute paths ship."""
+    path = Path(source)
+    if not path.is_absolute():
+        return source
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return path.name
 
 
 def find_documents(source: str) -> list[Document]:
@@ -90,7 +102,7 @@ def load_corpus(sources: list[str]) -> Corpus:
     """Find, check, split and tokenize the corpus; raises CorpusError with what to fix."""
     if sources:
         docs = [d for s in sources for d in find_documents(s)]
-        labels = list(sources)
+        labels = [recorded_source(s) for s in sources]
     else:
         label, docs = stdlib_documents()
         labels = [label]

@@ -3,7 +3,8 @@
 Each of the B batch rows is one contiguous stretch of the corpus; step s trains on chunk s
 of every row, starting from the state the previous chunk ended in (detached, so gradients
 flow through seq_len steps only). AdamW, linear warmup then cosine decay, gradient
-clipping, bf16 autocast on CUDA. The best checkpoint by held-out loss goes to `out`; the
+clipping, bf16 autocast on CUDA and on CPUs with native bf16 (precision.py; evaluation on
+the CPU stays fp32, as served). The best checkpoint by held-out loss goes to `out`; the
 resumable state (last weights, optimizer, carried state, RNG) to `out`'s `.train/` folder.
 """
 
@@ -13,7 +14,6 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +25,7 @@ from server.model import ModelConfig, RecurrentLM, State, cross_entropy
 from server.training.config import TrainConfig
 from server.training.corpus import Corpus, CorpusError, load_corpus
 from server.training.log import RunLog, write_prom_file
+from server.training.precision import autocast, resolve_autocast
 from server.training.state import RunState, load_run_state, save_run_state
 
 CALIBRATION_STEPS = 20  # steps timed before a --max-minutes run chooses its horizon
@@ -82,16 +83,18 @@ def make_optimizer(model: RecurrentLM, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def detach(state: State) -> State:
-    return State(state.h.detach(), None if state.c is None else state.c.detach())
-
-
-def autocast(device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    """The carry without its graph, in fp32 (autocast may return it in bf16: the cast back is exact)."""
+    return State(
+        state.h.detach().to(torch.float32), None if state.c is None else state.c.detach().to(torch.float32)
+    )
 
 
 def train_step(model, optimizer, x, y, carry: State, cfg: TrainConfig, device) -> tuple[float, State]:
-    """One chunk of truncated BPTT; returns the loss in nats and the detached carry."""
-    with autocast(device):
+    """One chunk of truncated BPTT; returns the loss in nats and the detached carry.
+
+    cfg.autocast is the resolved precision ("bf16" or "off"), see resolve_autocast.
+    """
+    with autocast(device, cfg.autocast):
         logits, carry = model(x, carry)  # [B, T, V]
     loss = cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
@@ -116,9 +119,10 @@ def evaluate(model: RecurrentLM, stream: torch.Tensor, cfg: TrainConfig, device:
     targets = data[1:].view(rows, row_len).long().to(device)
     model.eval()
     state, total = model.initial_state(rows, device), 0.0
+    precision = cfg.autocast if device.type == "cuda" else "off"  # the CPU serves in fp32: measure that
     for start in range(0, row_len, cfg.seq_len):
         x, y = inputs[:, start : start + cfg.seq_len], targets[:, start : start + cfg.seq_len]
-        with autocast(device):
+        with autocast(device, precision):
             logits, state = model(x, state)
         total += cross_entropy(logits, y).item() * y.numel()
     model.train()
@@ -161,6 +165,9 @@ def train(cfg: TrainConfig) -> TrainResult:
             update={"stop_after_steps": cfg.stop_after_steps, "progress": cfg.progress, "resume": True}
         )
     device = pick_device(cfg.device)
+    if cfg.resume and "autocast" not in saved.model_fields_set:  # saved before the setting existed
+        cfg = cfg.model_copy(update={"autocast": "bf16" if device.type == "cuda" else "off"})
+    cfg = cfg.model_copy(update={"autocast": resolve_autocast(cfg.autocast, device)})
     corpus = load_corpus(cfg.corpus)
     batches = StreamBatches(corpus.train, cfg.batch_size, cfg.seq_len, "training")
     torch.manual_seed(cfg.seed)
