@@ -2,8 +2,13 @@
 
 The file's `__metadata__` holds one key, `lstm_serve`, whose JSON is `CheckpointMeta`:
 format version, model config, tokenizer spec, training summary and the fingerprint
-(sha256 over the tensors' names, dtypes, shapes and bytes) that names the exact weights.
-Loading checks every part and refuses with `CheckpointError` naming the problem.
+(sha256 over the tensors' names, dtypes, shapes and bytes, then any classification heads'
+names and labels) that names the exact weights. Loading checks every part and refuses with
+`CheckpointError` naming the problem.
+
+A checkpoint with classification heads (server/classifier.py) lists them in its model
+config; servers from before heads refuse such files (their config forbids unknown keys),
+while a language model alone is written exactly as before and keeps its fingerprint.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from server import tokenizer
+from server.classifier import HeadSpec
 from server.model import ModelConfig, RecurrentLM
 
 FORMAT_VERSION = 1
@@ -79,13 +85,16 @@ class Checkpoint:
         return self.meta.fingerprint
 
 
-def fingerprint(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+def fingerprint(tensors: dict[str, torch.Tensor], heads: tuple[HeadSpec, ...] = ()) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order, then the
+    classification heads' names and labels (a language model alone: its tensors only, as ever)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for head in heads:
+        digest.update(f"head|{head.model_dump_json()}|".encode())
     return digest.hexdigest()
 
 
@@ -96,9 +105,11 @@ def to_bytes(model: RecurrentLM, training: TrainingSummary | None = None) -> byt
         format_version=FORMAT_VERSION,
         model=model.config,
         training=training,
-        fingerprint=fingerprint(tensors),
+        fingerprint=fingerprint(tensors, model.config.heads),
     )
-    return save_safetensors(tensors, metadata={METADATA_KEY: meta.model_dump_json()})
+    # without heads, the metadata is what servers before heads read (their ModelConfig forbids the key)
+    no_heads = {"model": {"heads"}} if not model.config.heads else None
+    return save_safetensors(tensors, metadata={METADATA_KEY: meta.model_dump_json(exclude=no_heads)})
 
 
 def save(path: str | Path, model: RecurrentLM, training: TrainingSummary | None = None) -> str:
@@ -151,7 +162,7 @@ def from_bytes(data: bytes, source: str = "<bytes>", device: torch.device | str 
         raise CheckpointError(f"{source}: truncated or corrupt safetensors data: {e}") from e
     model = RecurrentLM(meta.model)
     check_tensors(tensors, model, source)
-    if fingerprint(tensors) != meta.fingerprint:
+    if fingerprint(tensors, meta.model.heads) != meta.fingerprint:
         raise CheckpointError(
             f"{source}: the tensors do not match the recorded fingerprint: the file is corrupt"
         )

@@ -16,9 +16,10 @@ from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from server.classifier import ClassifierHead, HeadSpec
 from server.tokenizer import VOCAB_SIZE
 
 Cell = Literal["lstm", "rnn"]
@@ -35,6 +36,15 @@ class ModelConfig(BaseModel):
     hidden: int = Field(512, ge=1)
     layers: int = Field(1, ge=1)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    heads: tuple[HeadSpec, ...] = ()  # classification heads on the top layer's h (server/classifier.py)
+
+    @field_validator("heads")
+    @classmethod
+    def _named_once(cls, heads: tuple[HeadSpec, ...]) -> tuple[HeadSpec, ...]:
+        names = [h.name for h in heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"head names must be distinct, got {names}")
+        return heads
 
     @property
     def gates(self) -> int:
@@ -63,6 +73,12 @@ class RecurrentLM(nn.Module):
             batch_first=True,
         )
         self.head = nn.Linear(config.hidden, config.vocab_size)
+        if config.heads:  # absent otherwise: a language model's tensors are exactly what they were
+            self.heads = nn.ModuleDict({s.name: ClassifierHead(s, config.hidden) for s in config.heads})
+
+    def classify(self, h_top: Tensor) -> dict[str, Tensor]:
+        """The top layer's h [B, H] -> each head's label probabilities [B, labels]."""
+        return {name: head.probabilities(h_top) for name, head in getattr(self, "heads", {}).items()}
 
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> State:
         """All-zero state for `batch` rows, in the weights' dtype."""
