@@ -10,7 +10,29 @@ from pydantic import ValidationError
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
-    p = commands.add_parser("train", help="train a model on a text corpus (truncated BPTT)")
+    p = commands.add_parser(
+        "train",
+        help="train a language model on a text corpus, or a classifier (--task classify) (truncated BPTT)",
+    )
+    p.add_argument(
+        "--task",
+        choices=["lm", "classify"],
+        default="lm",
+        help="lm: next-token prediction on --corpus; classify: a head on labelled --data (default: %(default)s)",
+    )
+    c = p.add_argument_group("classify", "with --task classify")
+    c.add_argument("--data", type=Path, help='JSONL, one {"text": ..., "label": ...} per line')
+    c.add_argument("--eval-data", type=Path, help="held-out JSONL (default: a hash-chosen tenth of --data)")
+    c.add_argument(
+        "--init", type=Path, help="start from this language model (its encoder frozen unless --fine-tune)"
+    )
+    c.add_argument("--fine-tune", action="store_true", help="train the --init model's encoder too")
+    c.add_argument("--head", default="label", help="the head's name (default: %(default)s)")
+    c.add_argument("--head-hidden", type=int, help="an MLP head with this many tanh units (default: linear)")
+    c.add_argument("--epochs", type=int, default=10)
+    c.add_argument(
+        "--bptt", type=int, default=256, help="tokens each example backpropagates through (its last)"
+    )
     p.add_argument(
         "--corpus",
         nargs="*",
@@ -67,6 +89,8 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if args.task == "classify":
+        return run_train_classifier(args)
     from server import checkpoint
     from server.training.config import TrainConfig
     from server.training.train import train
@@ -85,6 +109,26 @@ def run_train(args: argparse.Namespace) -> int:
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     result = train(TrainConfig(**fields))
     return 0 if result.finished else 3
+
+
+def run_train_classifier(args: argparse.Namespace) -> int:
+    import logging
+
+    from server.training.classify import ClassifyConfig, train_classifier
+
+    if args.data is None:
+        raise ValueError("--task classify needs --data FILE.jsonl")
+    if args.out == Path("models/default.safetensors"):
+        raise ValueError("--task classify needs --out models/NAME.safetensors (not the default language model's file)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fields = {k: v for k, v in vars(args).items() if k in ClassifyConfig.model_fields and v is not None}
+    result = train_classifier(ClassifyConfig(**fields))
+    print(
+        f"lstm-serve: {args.out}: held-out accuracy {result.accuracy:.3f}, macro-F1 {result.macro_f1:.3f} "
+        f"(epoch {result.epochs}, {result.wall_seconds:.0f} s); confusion [true][predicted] {result.confusion}",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def add_sample_parser(commands: argparse._SubParsersAction) -> None:
