@@ -119,7 +119,9 @@ def run_train_classifier(args: argparse.Namespace) -> int:
     if args.data is None:
         raise ValueError("--task classify needs --data FILE.jsonl")
     if args.out == Path("models/default.safetensors"):
-        raise ValueError("--task classify needs --out models/NAME.safetensors (not the default language model's file)")
+        raise ValueError(
+            "--task classify needs --out models/NAME.safetensors (not the default language model's file)"
+        )
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     fields = {k: v for k, v in vars(args).items() if k in ClassifyConfig.model_fields and v is not None}
     result = train_classifier(ClassifyConfig(**fields))
