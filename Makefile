@@ -47,7 +47,7 @@ proto: setup
 
 # The command that produced models/default.safetensors (see README: Training).
 train-default: setup
-	$(BIN)/lstm-serve train --out models/default.safetensors --max-minutes 10
+	$(BIN)/lstm-serve train --out models/default.safetensors --max-minutes 40
 
 # The pure-Python wheels bench/gpu_check.sh carries to the GPU machine (Python 3.12, no installs
 # there), at the dev venv's versions, plus pytest-xdist to compile the tests' kernels in parallel;
