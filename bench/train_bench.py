@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.serve_bench import machine as serve_machine  # noqa: E402
 from server.model import ModelConfig, RecurrentLM  # noqa: E402
 from server.training.config import TrainConfig  # noqa: E402
 from server.training.corpus import load_corpus  # noqa: E402
@@ -69,26 +69,13 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 
 
 def machine() -> dict:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if line.startswith("model name")
-        ),
-        platform.processor(),
-    )
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+    """serve_bench's description of the machine, and what decides the training step's kernels."""
+    return serve_machine() | {
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "native_bf16": cpu_has_native_bf16(),
         "mkldnn": torch.backends.mkldnn.is_available(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
         "load_average": os.getloadavg(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 
 
