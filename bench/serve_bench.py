@@ -128,26 +128,16 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(30)
 
 
+def serve_command(models_dir: Path, threads: int, extra: list[str]) -> list[str]:
+    """`lstm-serve serve` on loopback, free ports, no shutdown delay: the benchmarks' server."""
+    return [
+        str(BIN / "lstm-serve"), "serve", "--models-dir", str(models_dir), "--host", "127.0.0.1",
+        "--port", "0", "--metrics-port", "0", "--shutdown-delay", "0", "--threads", str(threads), *extra,
+    ]  # fmt: skip
+
+
 def serve(models_dir: Path, threads: int, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    proc, target = start(
-        [
-            str(BIN / "lstm-serve"),
-            "serve",
-            "--models-dir",
-            str(models_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--shutdown-delay",
-            "0",
-            "--threads",
-            str(threads),
-            *extra,
-        ]
-    )
+    proc, target = start(serve_command(models_dir, threads, extra))
     deadline = time.monotonic() + 120
     while subprocess.run(
         [str(BIN / "lstm-client"), "--target", target, "--timeout", "5", "health"], capture_output=True

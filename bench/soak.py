@@ -42,7 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from bench.serve_bench import BIN, client_bench, machine, stop, table  # noqa: E402
+from bench.serve_bench import client_bench, machine, serve_command, stop, table  # noqa: E402
 from client.async_client import AsyncClient  # noqa: E402
 from client.async_session import AsyncSession  # noqa: E402
 from client.bench import percentile  # noqa: E402
@@ -68,23 +68,7 @@ class Server:
     @classmethod
     def start(cls, models_dir: Path, threads: int, extra: list[str]) -> Server:
         """Start it and wait until its health is SERVING (models loaded)."""
-        cmd = [
-            str(BIN / "lstm-serve"),
-            "serve",
-            "--models-dir",
-            str(models_dir),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--metrics-port",
-            "0",
-            "--shutdown-delay",
-            "0",
-            "--threads",
-            str(threads),
-            *extra,
-        ]
+        cmd = serve_command(models_dir, threads, extra)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         for line in proc.stdout:
             if match := LISTENING.search(line):
@@ -413,7 +397,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--bench-max-tokens", type=int, default=64)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/soak.json")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.duration > 0 and args.sample_every > min(60.0, args.duration / 3):
+        parser.error(
+            "--sample-every must fit in a third of --duration: RSS is compared between its first and last windows"
+        )
+    return args
 
 
 def soak(models_dir: Path, args: argparse.Namespace) -> dict:
