@@ -54,7 +54,7 @@ train-default: setup
 # dependencies are resolved for that machine.
 gpu-wheels: setup
 	$(BIN)/pip download -q -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-		$$($(BIN)/pip freeze | grep -iE '^(pydantic|pydantic[-_]core|pytest)==') pytest-xdist==3.8.0
+		$$($(BIN)/pip freeze | grep -iE '^(pydantic|pydantic[-_]core|pytest|msgspec)==') pytest-xdist==3.8.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -182,16 +182,30 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
 def run_serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    import os
+    import shutil
+    import tempfile
 
-    from server.api.serve import serve
     from server.config import ServeSettings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServeSettings(
         **{k: v for k, v in vars(args).items() if k in ServeSettings.model_fields and v is not None}
     )
-    asyncio.run(serve(settings))
-    return 0
+    # both processes' metrics meet here (prometheus-client reads the variable at import)
+    given = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if given:
+        shutil.rmtree(given, ignore_errors=True)  # a former run's values must not count
+        os.makedirs(given)
+    else:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="lstm-serve-metrics-")
+    from server.api.serve import serve
+
+    try:
+        return asyncio.run(serve(settings))
+    finally:
+        if not given:
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors()
         )
         print(f"lstm-serve: invalid settings: {problems}", file=sys.stderr)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, FileNotFoundError, FloatingPointError, ChildProcessError) as e:
         print(f"lstm-serve: {e}", file=sys.stderr)
     return 2
 

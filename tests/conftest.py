@@ -138,6 +138,19 @@ class ServerProcess:
     def log(self) -> str:
         return "".join(self.output)
 
+    @property
+    def engine_pid(self) -> int:
+        """The engine core process: the server's child running server.engine.process."""
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+                cmdline = (stat.parent / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if int(fields[1]) == self.proc.pid and b"server.engine.process" in cmdline:
+                return int(stat.parent.name)
+        raise LookupError(f"server {self.proc.pid} has no engine core process")
+
 
 @pytest.fixture(scope="module")
 def server(models_dir) -> Iterator[ServerProcess]:

@@ -1,21 +1,22 @@
-"""`lstm-serve` with a fault-injecting log segment file: `python -m tests.faulty_disk serve ...`.
+"""`lstm-serve` with a fault-injecting log segment file: started with `faulty_disk_env(trigger)`
+(tests/test_durability_faults.py).
 
 While the file named by $FAULTY_DISK exists, its content (`OPERATION ERRNO`, e.g. `fsync EIO`
 or `write EROFS`) makes every such call on a log segment fail with that error, as a dying disk
 or a file system remounted read-only would; `OPERATION sleep SECONDS` makes it that slow. tmpfs cannot do this (its fsync never fails, and a
 read-only remount of an open log fails with EBUSY), so the real server runs with this file
-object in place of `server.journal.SegmentFile`; everything else is the real thing.
+object in place of `server.journal.SegmentFile`; everything else is the real thing. The
+environment puts tests/fault_site/ on PYTHONPATH, whose sitecustomize imports this module in
+every process of the server, the engine core (which writes the log) included.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import sys
 import time
 from pathlib import Path
 
-from server.cli import main
 from server.durability import journal
 
 TRIGGER = Path(os.environ["FAULTY_DISK"])
@@ -46,6 +47,3 @@ class FaultySegmentFile(journal.SegmentFile):
 
 
 journal.SegmentFile = FaultySegmentFile
-
-if __name__ == "__main__":
-    sys.exit(main())

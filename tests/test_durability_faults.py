@@ -76,6 +76,12 @@ def durable_everywhere(stub, ids: list[str]) -> Callable[[], bool]:
     return check
 
 
+def faulty_disk_env(trigger: Path) -> dict[str, str]:
+    """A server started with these variables injects the log faults `trigger` names, in every
+    one of its processes (tests/fault_site/sitecustomize.py loads tests/faulty_disk.py)."""
+    return {"FAULTY_DISK": str(trigger), "PYTHONPATH": f"{ROOT / 'tests' / 'fault_site'}:{ROOT}"}
+
+
 @dataclass
 class SmallFs:
     """A tmpfs of a few MiB at `path`, visible only in the mount namespace of `holder`."""
@@ -253,8 +259,7 @@ def test_log_errors_refuse_steps_retry_on_a_new_segment_and_lose_nothing(
     error killed the fsync thread silently."""
     state, trigger = tmp_path / "state", tmp_path / "fault"
     flags = state_flags(state, "--fsync-interval", "0.05", "--snapshot-interval", "3600")
-    launcher = [sys.executable, "-m", "tests.faulty_disk"]
-    first = start_server(*flags, env={"FAULTY_DISK": str(trigger)}, launcher=launcher)
+    first = start_server(*flags, env=faulty_disk_env(trigger))
     stub = connect(first.target)
     session = create(stub, seed=4)
     live = LiveStream(stub, session.id)
@@ -293,9 +298,7 @@ def test_a_slow_fsync_does_not_stall_the_step_thread(start_server, tmp_path):
     were appends to wait for the fsync, each token would wait seconds and the call time out."""
     state, trigger = tmp_path / "state", tmp_path / "fault"
     flags = state_flags(state, "--fsync-interval", "0.05", "--snapshot-interval", "3600")
-    server = start_server(
-        *flags, env={"FAULTY_DISK": str(trigger)}, launcher=[sys.executable, "-m", "tests.faulty_disk"]
-    )
+    server = start_server(*flags, env=faulty_disk_env(trigger))
     stub = connect(server.target)
     session = create(stub, seed=4)
     live = LiveStream(stub, session.id, timeout=30)

@@ -43,7 +43,6 @@ def hash_key(key: str) -> str:
 class Authenticator:
     def __init__(self, keys: list[ApiKey] | None = None) -> None:
         self.keys = keys  # None: no authentication
-        self._by_name = {k.name: k for k in keys or ()}
 
     @classmethod
     def from_file(cls, path: Path | None) -> Authenticator:
@@ -53,11 +52,6 @@ class Authenticator:
         if len({k.name for k in entries}) != len(entries):
             raise ValueError(f"{path}: key names must be unique")
         return cls(entries)
-
-    def max_queued_requests(self, name: str) -> int | None:
-        """The per-session request cap of key `name`'s sessions (None: only the server's)."""
-        entry = self._by_name.get(name)
-        return entry.max_queued_requests if entry else None
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The caller behind an `authorization` metadata value; UNAUTHENTICATED if none matches."""
@@ -73,4 +67,6 @@ class Authenticator:
                 match = entry
         if match is None:
             raise Unauthenticated("invalid API key")
-        return Principal(match.name, match.max_sessions, match.max_tokens_per_request)
+        return Principal(
+            match.name, match.max_sessions, match.max_tokens_per_request, match.max_queued_requests
+        )

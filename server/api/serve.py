@@ -1,9 +1,13 @@
-"""`serve()`: the gRPC server, health and reflection, /metrics, and graceful shutdown.
+"""`serve()`: the gRPC front end, health and reflection, /metrics, and graceful shutdown.
 
-Start-up: bind the ports (health NOT_SERVING), load the models, start the schedulers, then
+Two processes: this one (grpc, no torch) and the engine core process it spawns (models,
+sessions, schedulers, durability; server/engine/process.py). Start-up: bind the ports (health
+NOT_SERVING), start the engine core, which loads the models and restores sessions, then
 SERVING. On SIGTERM or SIGINT: NOT_SERVING for `shutdown_delay` seconds while RPCs are still
-answered, then the running step finishes, open streams end with UNAVAILABLE naming their
-session's position, in-flight unary RPCs get `grace_period` seconds, and serve() returns.
+answered, then the engine finishes its running step, ends open streams with UNAVAILABLE
+naming their session's position and saves every session; in-flight unary RPCs get
+`grace_period` seconds, and serve() returns 0. If the engine core process dies, the server
+logs it and returns 1 (a supervisor restarts it; durable sessions come back).
 """
 
 from __future__ import annotations
@@ -13,17 +17,16 @@ import logging
 import signal
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from server.api.auth import Authenticator
+from server.api.engine_client import EngineClient
 from server.api.service import METHODS, LstmServeServicer, add_to_server
 from server.config import ServeSettings, exposure_warnings
-from server.engine.core import Engine
-from server.engine.metrics import Metrics
-from server.engine.registry import ModelRegistry
+from server.ipc import messages as m
+from server.metrics import Metrics
 
 log = logging.getLogger("lstm_serve")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LstmServeService"].full_name
@@ -48,18 +51,16 @@ def server_credentials(settings: ServeSettings) -> grpc.ServerCredentials | None
     )
 
 
-async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set or SIGTERM/SIGINT arrives."""
-    torch.set_num_threads(settings.threads)
+async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> int:
+    """Serve until `stop` is set or SIGTERM/SIGINT arrives (0), or the engine core dies (1)."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
     metrics = Metrics(METHODS)
-    registry = ModelRegistry(settings, metrics)
     auth = Authenticator.from_file(settings.api_keys_file)
-    engine = Engine(settings, registry, metrics, auth.max_queued_requests)
+    engine = EngineClient(settings)
     server = grpc.aio.server(
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -73,11 +74,13 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> N
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
     )
-    add_to_server(LstmServeServicer(engine, auth), server)
+    add_to_server(LstmServeServicer(engine, auth, settings, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     await set_health(health_servicer, False)
+    engine.on_health = lambda serving: loop.create_task(set_health(health_servicer, serving))
+    await engine.start()  # the engine core holds the state dir (or the start is refused)
 
     address = f"{settings.host}:{settings.port}"
     credentials = server_credentials(settings)
@@ -91,20 +94,20 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> N
     for warning in exposure_warnings(settings):
         log.warning(warning)
 
-    await asyncio.to_thread(registry.scan)
-    if not registry.runtimes():
-        log.warning("no valid model in %s: every session request will get NOT_FOUND", settings.models_dir)
-    await engine.start()
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(engine.reload_models()))
-    engine.on_health = lambda serving: loop.create_task(set_health(health_servicer, serving))
-    await set_health(health_servicer, engine.log_healthy)
-    log.info("serving %d model version(s)", len(registry.runtimes()))
+    loop.add_signal_handler(signal.SIGHUP, lambda: engine.lost.done() or engine.send(m.Reload()))
 
-    await stop.wait()
-    log.info("shutting down: NOT_SERVING for %.1fs, then ending streams", settings.shutdown_delay)
+    stopping = loop.create_task(stop.wait())
+    await asyncio.wait([stopping, engine.lost], return_when=asyncio.FIRST_COMPLETED)
     engine.on_health = lambda serving: None  # a recovering state dir must not report SERVING now
     await set_health(health_servicer, False)
+    if engine.lost.done():
+        stopping.cancel()
+        log.error("the engine core process %s: stopping the server", engine.lost.result())
+        await server.stop(0)
+        return 1
+    log.info("shutting down: NOT_SERVING for %.1fs, then ending streams", settings.shutdown_delay)
     await asyncio.sleep(settings.shutdown_delay)
-    await engine.stop()
+    await engine.shutdown()
     await server.stop(settings.grace_period)
     log.info("stopped")
+    return 0

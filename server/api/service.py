@@ -16,9 +16,12 @@ from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from client.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from server.api import translate
 from server.api.auth import Authenticator
+from server.api.engine_client import EngineClient
 from server.api.streams import Opened, run_generate, run_stream
-from server.engine.core import Engine
+from server.config import ServeSettings
 from server.errors import ServeError
+from server.ipc import messages as m
+from server.metrics import Metrics
 from server.sessions.jobs import Event, TokenBatchEvent, TokenEvent
 from server.sessions.principal import Principal
 
@@ -31,7 +34,7 @@ PROMPT_METHODS = ("Generate", "Stream")
 MAX_DETAILS = 500
 
 
-def principal_of(engine: Engine, auth: Authenticator, context: grpc.aio.ServicerContext) -> Principal:
+def principal_of(engine: EngineClient, auth: Authenticator, context: grpc.aio.ServicerContext) -> Principal:
     """The authenticated caller; UNAVAILABLE while the server is not ready."""
     engine.check_ready()
     metadata = dict(context.invocation_metadata() or ())
@@ -97,11 +100,15 @@ def add_to_server(servicer: LstmServeServicer, server: grpc.aio.Server) -> None:
 
 
 class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
-    def __init__(self, engine: Engine, auth: Authenticator) -> None:
+    """Translate each request, delegate it to the engine core process, map its errors."""
+
+    def __init__(
+        self, engine: EngineClient, auth: Authenticator, settings: ServeSettings, metrics: Metrics
+    ) -> None:
         self.engine = engine
         self.auth = auth
-        self.settings = engine.settings
-        self.metrics = engine.metrics
+        self.settings = settings
+        self.metrics = metrics
 
     @contextlib.asynccontextmanager
     async def _rpc(
@@ -139,58 +146,53 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
 
     @unary
     async def ListModels(self, request, principal):
-        return pb.ListModelsResponse(
-            models=[translate.model_info(r) for r in self.engine.registry.runtimes()]
-        )
+        return pb.ListModelsResponse(models=[translate.model_info(model) for model in self.engine.models])
 
     @unary
     async def CreateSession(self, request, principal):
-        session = await self.engine.create_session(
-            principal,
-            request.model,
-            request.model_version,
-            translate.optional_seed(request),
-            translate.ttl_seconds(request),
+        seed, ttl = translate.optional_seed(request), translate.ttl_seconds(request)
+        reply = await self.engine.call(
+            lambda c: m.CreateSession(c, principal, request.model, request.model_version, seed, ttl)
         )
-        return pb.CreateSessionResponse(session=translate.session_message(session))
+        return pb.CreateSessionResponse(session=translate.session_message(reply.session))
 
     @unary
     async def GetSession(self, request, principal):
-        session = self.engine.get_session(principal, request.session_id)
-        tokens = session.tokens_after(request.tokens_after) if request.HasField("tokens_after") else []
-        return pb.GetSessionResponse(session=translate.session_message(session), tokens=tokens)
+        after = request.tokens_after if request.HasField("tokens_after") else None
+        reply = await self.engine.call(lambda c: m.GetSession(c, principal, request.session_id, after))
+        return pb.GetSessionResponse(session=translate.session_message(reply.session), tokens=reply.tokens)
 
     @unary
     async def ListSessions(self, request, principal):
-        sessions = self.engine.list_sessions(principal)
-        return pb.ListSessionsResponse(sessions=[translate.session_message(s) for s in sessions])
+        reply = await self.engine.call(lambda c: m.ListSessions(c, principal))
+        return pb.ListSessionsResponse(sessions=[translate.session_message(s) for s in reply.sessions])
 
     @unary
     async def DeleteSession(self, request, principal):
-        await self.engine.delete_session(principal, request.session_id)
+        await self.engine.call(lambda c: m.DeleteSession(c, principal, request.session_id))
         return pb.DeleteSessionResponse()
 
     @unary
     async def ResetSession(self, request, principal):
-        session = await self.engine.reset_session(principal, request.session_id)
-        return pb.ResetSessionResponse(session=translate.session_message(session))
+        reply = await self.engine.call(lambda c: m.ResetSession(c, principal, request.session_id))
+        return pb.ResetSessionResponse(session=translate.session_message(reply.session))
 
     @unary
     async def ForkSession(self, request, principal):
-        session = await self.engine.fork_session(
-            principal, request.session_id, translate.optional_seed(request), translate.ttl_seconds(request)
-        )
-        return pb.ForkSessionResponse(session=translate.session_message(session))
+        seed, ttl = translate.optional_seed(request), translate.ttl_seconds(request)
+        reply = await self.engine.call(lambda c: m.ForkSession(c, principal, request.session_id, seed, ttl))
+        return pb.ForkSessionResponse(session=translate.session_message(reply.session))
 
     @unary
     async def ExportSession(self, request, principal):
-        blob, session = await self.engine.export_session(principal, request.session_id)
-        return pb.ExportSessionResponse(blob=blob, session=translate.session_message(session))
+        reply = await self.engine.call(lambda c: m.ExportSession(c, principal, request.session_id))
+        return pb.ExportSessionResponse(blob=reply.blob, session=translate.session_message(reply.session))
 
     @unary
     async def ImportSession(self, request, principal):
-        session = await self.engine.import_session(principal, request.blob, translate.ttl_seconds(request))
-        return pb.ImportSessionResponse(session=translate.session_message(session))
+        ttl = translate.ttl_seconds(request)
+        reply = await self.engine.call(lambda c: m.ImportSession(c, principal, request.blob, ttl))
+        return pb.ImportSessionResponse(session=translate.session_message(reply.session))
 
     @streaming
     async def Generate(self, request, principal) -> AsyncIterator[pb.GenerateResponse]:

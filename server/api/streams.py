@@ -1,9 +1,10 @@
-"""The bidirectional Stream protocol on one session, below grpc; Generate is a stream of one.
+"""The bidirectional Stream protocol on one session, in the front end; Generate is a stream of one.
 
-The first command attaches (`Open`); after it, feed and generate commands become jobs on the
-session, processed in order, and `Cancel` stops one at its next step. Commands are read
-concurrently with the events being written, so a cancel reaches a running generation. When
-the client half-closes, the stream ends once its requests are finished.
+The first command attaches (`Open`); after it, feed and generate commands become requests on
+the session in the engine core, processed in order, and `Cancel` stops one at its next step.
+Commands are read concurrently with the events being written, so a cancel reaches a running
+generation. When the client half-closes, the stream ends once its requests are finished;
+however it ends, the engine detaches it (cancelling what is left).
 
 The unary-request Generate RPC runs the same path: an `Open` and one `Generate` carrying the
 prompt, on the named session or on a temporary one that ends with the call.
@@ -16,11 +17,11 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
-from server.engine.core import Engine
+from server.api.engine_client import EngineClient, LocalError, RemoteStream
 from server.errors import InvalidArgument
-from server.sessions.jobs import ErrorEvent, Event, FinishedEvent, GenerateSpec, Job, Outbox
+from server.ipc import messages as m
+from server.sessions.jobs import Event, FinishedEvent, GenerateSpec
 from server.sessions.principal import Principal
-from server.sessions.store import Session
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ Command = Open | Feed | Generate | Cancel
 @dataclass(frozen=True)
 class Opened:
     request_id: str
-    session: Session
+    session: m.SessionInfo
 
 
 @dataclass(frozen=True)
@@ -82,22 +83,25 @@ GENERATE_REQUEST_ID = "generate"
 
 
 async def run_generate(
-    engine: Engine, principal: Principal, call: GenerateCall
+    engine: EngineClient, principal: Principal, call: GenerateCall
 ) -> AsyncIterator[Opened | Event]:
     """Generate as a stream of one command; a temporary session is deleted when it ends."""
     temporary = None
     if not call.session_id:
-        temporary = await engine.create_session(
-            principal, call.model, call.version, call.seed, None, durable=False
+        reply = await engine.call(
+            lambda c: m.CreateSession(c, principal, call.model, call.version, call.seed, None, durable=False)
         )
+        temporary = reply.session
     elif call.seed is not None:
         raise InvalidArgument(
             "seed applies to temporary sessions only; a session keeps the seed it was created with"
         )
-    elif call.model and call.model != (running := engine.get_session(principal, call.session_id).model):
-        raise InvalidArgument(
-            f"session {call.session_id} runs model {running!r}, not {call.model!r}: omit model, or give {running!r}"
-        )
+    elif call.model:
+        running = (await engine.call(lambda c: m.GetSession(c, principal, call.session_id))).session.model
+        if call.model != running:
+            raise InvalidArgument(
+                f"session {call.session_id} runs model {running!r}, not {call.model!r}: omit model, or give {running!r}"
+            )
 
     async def commands() -> AsyncIterator[Command]:
         yield Open(GENERATE_REQUEST_ID, call.session_id or temporary.id, call.takeover)
@@ -108,12 +112,12 @@ async def run_generate(
             async for event in events:
                 yield event
     finally:
-        if temporary is not None:
-            engine.end_temporary(temporary)
+        if temporary is not None and not engine.lost.done():
+            engine.send(m.EndTemporary(principal, temporary.id))
 
 
 async def run_stream(
-    engine: Engine, principal: Principal, commands: AsyncIterator[Command]
+    engine: EngineClient, principal: Principal, commands: AsyncIterator[Command]
 ) -> AsyncIterator[Opened | Event]:
     """Attach to the session named by the first command, then serve the rest."""
     first = await anext(commands, None)
@@ -121,61 +125,52 @@ async def run_stream(
         return
     if not isinstance(first, Open):
         raise InvalidArgument("the first message of a stream must be `open` with the session id")
-    session, driver = engine.attach(principal, first.session_id, first.takeover)
-    jobs: dict[str, Job] = {}
+    stream = engine.open_stream(principal, first.session_id, first.takeover)
+    requests: set[str] = set()  # sent and not finished
     reader: asyncio.Task | None = None
     try:  # from here on, however the call ends, the stream detaches
-        await engine.settle(session)  # a former stream's last step lands first
-        reader = asyncio.get_running_loop().create_task(_read(engine, session, commands, driver.outbox, jobs))
+        session = await stream.opened()
+        reader = asyncio.get_running_loop().create_task(_read(stream, commands, requests))
         yield Opened(first.request_id, session)
         input_closed = False
-        async for event in driver.outbox.events():
+        async for event in stream.events():
             if isinstance(event, InputClosed):
                 input_closed = True
             else:
                 if isinstance(event, FinishedEvent):
-                    jobs.pop(event.request_id, None)
+                    requests.discard(event.request_id)
                 yield event
-            if input_closed and not jobs:
+            if input_closed and not requests:
                 break
     finally:
         if reader is not None:
             reader.cancel()
-        for job in jobs.values():
-            job.cancel()
-        engine.detach(session, driver)
+        stream.close()
 
 
-async def _read(
-    engine: Engine, session: Session, commands: AsyncIterator[Command], outbox: Outbox, jobs: dict[str, Job]
-) -> None:
-    """Turn commands into jobs; any error ends the stream through the outbox."""
+async def _read(stream: RemoteStream, commands: AsyncIterator[Command], requests: set[str]) -> None:
+    """Send commands to the engine as requests; a bad one ends the stream."""
     try:
         async for command in commands:
             if isinstance(command, Open):
                 raise InvalidArgument("this stream is already open; `open` must be its first message only")
             if isinstance(command, Cancel):
-                if command.target in jobs:
-                    engine.cancel(session, jobs[command.target])
+                if command.target in requests:
+                    stream.cancel(command.target)
                 continue
-            if not command.request_id or command.request_id in jobs:
+            if not command.request_id or command.request_id in requests:
                 raise InvalidArgument(
                     f"request_id must be non-empty and unique among open requests, got {command.request_id!r}"
                 )
             if isinstance(command, Feed):
-                job = Job(
-                    command.request_id,
-                    outbox,
-                    feed=command.tokens,
-                    return_logprobs=command.return_logprobs,
-                    top_logprobs=command.top_logprobs,
+                stream.submit(
+                    command.request_id, command.tokens, None, command.return_logprobs, command.top_logprobs
                 )
             else:
-                job = Job(command.request_id, outbox, feed=list(command.prompt), generate=command.spec)
-            engine.submit(session, job)
-            jobs[command.request_id] = job
-        outbox.put(InputClosed())
+                stream.submit(command.request_id, list(command.prompt), command.spec, False, 0)
+            requests.add(command.request_id)
+        stream.deliver(InputClosed())
     except asyncio.CancelledError:
         raise
-    except Exception as e:  # bad input or a refused request: end the stream with it
-        outbox.put(ErrorEvent(e))
+    except Exception as e:  # bad input: end the stream with it
+        stream.deliver(LocalError(e))

@@ -5,7 +5,6 @@ Every check raises InvalidArgument with a message that says what to fix.
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import NoReturn
@@ -18,12 +17,11 @@ from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from server import tokenizer
 from server.api.streams import Cancel, Command, Feed, Generate, GenerateCall, Open, Opened
 from server.config import ServeSettings
-from server.engine.registry import ModelRuntime
 from server.errors import InvalidArgument
+from server.ipc.messages import ModelInfo, SessionInfo
 from server.sampling import SamplingParams
 from server.sessions.jobs import FinishedEvent, FinishReason, GenerateSpec, TokenBatchEvent, TokenEvent
 from server.sessions.principal import Principal
-from server.sessions.store import Session
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
@@ -232,7 +230,7 @@ def duration(seconds: float) -> Duration:
     return d
 
 
-def session_message(session: Session) -> pb.Session:
+def session_message(session: SessionInfo) -> pb.Session:
     return pb.Session(
         id=session.id,
         model=session.model,
@@ -243,26 +241,23 @@ def session_message(session: Session) -> pb.Session:
         expires_at=timestamp(session.expires_at),
         ttl=duration(session.ttl),
         location=pb.SESSION_LOCATION_DEVICE if session.on_device else pb.SESSION_LOCATION_HOST,
-        attached=session.driver is not None,
+        attached=session.attached,
         durable_position=session.durable_position,
     )
 
 
-def model_info(runtime: ModelRuntime) -> pb.ModelInfo:
-    cfg, training = runtime.meta.model, runtime.meta.training
+def model_info(model: ModelInfo) -> pb.ModelInfo:
     return pb.ModelInfo(
-        name=runtime.name,
-        version=runtime.version,
-        cell=CELLS[cfg.cell],
-        layers=cfg.layers,
-        hidden=cfg.hidden,
-        vocab_size=cfg.vocab_size,
-        backend=runtime.backend_name,
-        device=str(runtime.device),
-        dtype=str(runtime.dtype).removeprefix("torch."),
-        heldout_bits_per_byte=training.heldout_bits_per_byte
-        if training and math.isfinite(training.heldout_bits_per_byte)
-        else 0.0,
+        name=model.name,
+        version=model.version,
+        cell=CELLS[model.cell],
+        layers=model.layers,
+        hidden=model.hidden,
+        vocab_size=model.vocab_size,
+        backend=model.backend,
+        device=model.device,
+        dtype=model.dtype,
+        heldout_bits_per_byte=model.heldout_bits_per_byte,
         bos_token=tokenizer.BOS,
         eos_token=tokenizer.EOS,
     )
@@ -294,7 +289,7 @@ def token_batch(event: TokenBatchEvent) -> pb.TokenBatch:
 
 
 def generate_response(
-    session: Session, event: TokenEvent | TokenBatchEvent | FinishedEvent
+    session: SessionInfo, event: TokenEvent | TokenBatchEvent | FinishedEvent
 ) -> pb.GenerateResponse:
     if isinstance(event, TokenEvent):
         return pb.GenerateResponse(token=token_message(event), session_id=session.id)

@@ -87,9 +87,10 @@ class StateDirError(ValueError):
     """The state dir cannot be used: the server refuses to start (one line, no traceback)."""
 
 
-def open_state_dir(state_dir: Path) -> TextIO:
+def open_state_dir(state_dir: Path, server_pid: int) -> TextIO:
     """Create (if missing) and lock the state dir, and prove it is writable; returns the lock
-    file, which holds the lock while it stays open."""
+    file, which holds the lock while it stays open. The lock names `server_pid`, the process an
+    operator would stop (the server's, not its engine core's)."""
     if state_dir.exists() and not state_dir.is_dir():
         raise StateDirError(
             f"--state-dir {state_dir} is not a directory; give a directory (a missing one is created)"
@@ -110,7 +111,7 @@ def open_state_dir(state_dir: Path) -> TextIO:
         ) from None
     try:
         lock.truncate(0)
-        lock.write(f"{os.getpid()}\n")
+        lock.write(f"{server_pid}\n")
         lock.flush()
         atomic_write(state_dir / "sessions" / ".probe", b"")  # the same writes as a snapshot's
         (state_dir / "sessions" / ".probe").unlink()
@@ -129,6 +130,7 @@ class Durability:
         snapshot_interval: float,
         on_error: Callable[[str, OSError], None] = lambda operation, error: None,
         on_health: Callable[[bool], None] = lambda healthy: None,
+        server_pid: int | None = None,
     ) -> None:
         self.mode = mode if state_dir is not None else "none"
         self.state_dir = state_dir
@@ -137,7 +139,9 @@ class Durability:
         self._on_error = on_error  # every failed write: ("write", "fsync" or "snapshot", the error)
         self._on_health = on_health  # False while the log refuses writes, True once it recovered
         self._marks = threading.Lock()  # a session's life and durable position change together
-        self._lock_file = open_state_dir(state_dir) if self.mode != "none" else None
+        self._lock_file = (
+            open_state_dir(state_dir, server_pid or os.getpid()) if self.mode != "none" else None
+        )
         if self.mode == "log":
             self.wal = WriteAheadLog(
                 state_dir / "wal", fsync_interval, self._made_durable, self._log_failed, self._log_recovered

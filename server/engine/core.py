@@ -21,7 +21,6 @@ import numpy as np
 from server import tokenizer
 from server.config import ServeSettings
 from server.durability.state_dir import Durability
-from server.engine.metrics import Metrics
 from server.engine.persistence import Persistence
 from server.engine.registry import ModelRegistry, ModelRuntime
 from server.errors import (
@@ -32,6 +31,7 @@ from server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from server.metrics import Metrics
 from server.sessions import blob
 from server.sessions.jobs import FinishedEvent, FinishReason, Job, Outbox
 from server.sessions.principal import Principal
@@ -49,6 +49,7 @@ class Engine:
         registry: ModelRegistry,
         metrics: Metrics,
         queued_limit_of: Callable[[str], int | None] = lambda owner: None,
+        server_pid: int | None = None,  # the front end's, for the state dir's lock
     ) -> None:
         self.settings = settings
         self.registry = registry
@@ -62,6 +63,7 @@ class Engine:
             settings.snapshot_interval,
             on_error=lambda operation, error: metrics.durability_errors.labels(operation).inc(),
             on_health=self._log_health_changed,
+            server_pid=server_pid,
         )
         self.persistence = Persistence(
             self.durability, registry, self.store, metrics, settings.max_queue, self.replay
@@ -277,11 +279,18 @@ class Engine:
 
     # ---- streams -------------------------------------------------------------------------
 
-    def attach(self, principal: Principal, session_id: str, takeover: bool) -> tuple[Session, Driver]:
-        """Make a new stream the driver of the session (see SessionStore.attach)."""
+    def attach(
+        self,
+        principal: Principal,
+        session_id: str,
+        takeover: bool,
+        outbox: Callable[[Callable[[], None]], Outbox] = lambda wake: Outbox(on_drain=wake),
+    ) -> tuple[Session, Driver]:
+        """Make a new stream the driver of the session (see SessionStore.attach); its events go
+        to `outbox(wake)`, which calls `wake` when it has room again."""
         session = self.get_session(principal, session_id)
         runtime = self.runtime(session)
-        driver = Driver(Outbox(on_drain=runtime.scheduler.wake))
+        driver = Driver(outbox(runtime.scheduler.wake))
         self.store.attach(session, driver, takeover)
         runtime.scheduler.wake()  # a takeover cancelled the old stream's jobs
         return session, driver
@@ -401,14 +410,29 @@ class Engine:
             runtime.scheduler.executor.submit(runtime.residency.release, session)
         self.metrics.session_ended(reason, time.time() - session.created_at)
 
+    def _count_sessions(self) -> None:
+        """Sessions and their states' bytes by location, for the gauges."""
+        pools = {r.version: r.pool for r in self.registry.runtimes()}
+        sessions = list(self.store)
+        on_device = sum(1 for s in sessions if s.on_device)
+        self.metrics.count_sessions(
+            on_device,
+            len(sessions) - on_device,
+            sum(p.capacity * p.state_bytes_per_slot for p in pools.values()),
+            sum(
+                pools[s.version].state_bytes_per_slot
+                for s in sessions
+                if not s.on_device and s.version in pools
+            ),
+        )
+
     async def _sweep_forever(self) -> None:
         while True:
             try:
                 now = time.time()
                 for session in self.store.due_to_expire(now):
                     self._end(session, "expired")
-                runtimes = self.registry.runtimes()
-                self.metrics.count_sessions(self.store, {r.version: r.pool for r in runtimes})
+                self._count_sessions()
             except Exception:  # keep sweeping; one bad session must not stop expiry for all
                 log.exception("expiry sweep failed")
             await asyncio.sleep(EXPIRY_INTERVAL)

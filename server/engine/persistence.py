@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 from server import tokenizer
 from server.durability.restore import rebuild
 from server.durability.state_dir import Durability
-from server.engine.metrics import Metrics
 from server.engine.registry import ModelRegistry
 from server.errors import Unavailable
+from server.metrics import Metrics
 from server.sessions.store import Session, SessionStore
 
 log = logging.getLogger(__name__)

@@ -18,11 +18,11 @@ import torch
 from server import checkpoint
 from server.config import ServeSettings
 from server.device import pick_device
-from server.engine.metrics import Metrics
 from server.engine.scheduler import Scheduler, StepStats
 from server.errors import NotFound
 from server.kernels import make_backend
 from server.kernels.state_pool import StatePool
+from server.metrics import Metrics
 from server.sessions.residency import DeviceResidency
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,8 @@
 A job first absorbs its input tokens (feed), then, if asked, generates: each generated token
 is sampled from the session's next-token logits, absorbed, and only then reported. Events
 carry the position after the token. The scheduler drives jobs; the RPC handler reads the
-outbox. Nothing here touches tensors of the pool or grpc.
+outbox. Nothing here touches tensors of the pool or grpc. Events are msgspec structs: the
+engine core sends them to the gRPC front end as they are (server/ipc).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import enum
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+
+import msgspec
 
 from server import tokenizer
 from server.sampling import SamplingParams
@@ -26,8 +29,7 @@ class FinishReason(enum.Enum):
     FED = "fed"
 
 
-@dataclass(slots=True)
-class TokenEvent:
+class TokenEvent(msgspec.Struct, tag=True, array_like=True):
     request_id: str
     token: int
     text: str
@@ -40,8 +42,7 @@ class TokenEvent:
     first: bool = False
 
 
-@dataclass(slots=True)
-class FinishedEvent:
+class FinishedEvent(msgspec.Struct, tag=True, array_like=True):
     request_id: str
     reason: FinishReason
     fed_tokens: int
@@ -50,8 +51,7 @@ class FinishedEvent:
     durable_position: int = 0
 
 
-@dataclass(slots=True)
-class TokenBatchEvent:
+class TokenBatchEvent(msgspec.Struct, tag=True, array_like=True):
     """A generate request's tokens, several per message (stream_interval > 1)."""
 
     request_id: str

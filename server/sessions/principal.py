@@ -10,6 +10,7 @@ class Principal:
     name: str
     max_sessions: int | None = None
     max_tokens_per_request: int | None = None
+    max_queued_requests: int | None = None  # per session, below the server's own cap
 
 
 ANONYMOUS = Principal("anonymous")

@@ -2,30 +2,33 @@
 
 Names start with `lstm_serve_`, use base units, and counters end in `_total`. Labels take
 bounded values only: method and status code names, model names (the files an operator
-deployed), backends, locations and reasons; never a session id or a prompt. Each server
-gets its own registry, so several servers can live in one process (tests).
+deployed), backends, locations and reasons; never a session id or a prompt.
+
+Both server processes define the same metrics and record their own part: the gRPC front end
+the RPCs and the tokens it sends, the engine core everything else. They share values through
+prometheus-client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR, set before the library is
+imported: see server/cli.py), and the front end serves the merged view on one /metrics.
+Every gauge names how processes combine (`livesum`: dead processes drop out). Without the
+directory (in-process tests) each Metrics keeps its own registry, as before.
 """
 
 from __future__ import annotations
 
+import os
 import platform
-from collections.abc import Collection
 
-import torch
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
-    Info,
     disable_created_metrics,
+    multiprocess,
     start_http_server,
 )
 
-from server.kernels.state_pool import StatePool
-from server.sessions.store import Session
-
 PREFIX = "lstm_serve_"
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (
     1e-4,
     2.5e-4,
@@ -149,10 +152,8 @@ class Metrics:
             "Failed writes to the state dir, by operation (write, fsync: the log; snapshot)",
             ["operation"],
         )
-        self.build = Info("lstm_serve_build", "Server build", registry=self.registry)
-        self.build.info(
-            {"version": _version(), "python": platform.python_version(), "torch": torch.__version__}
-        )
+        # a gauge, not an Info (multiprocess mode has none): the same lstm_serve_build_info series
+        self.build = gauge("build_info", "Server build (value 1)", ["version", "python", "torch"])
         self._init_labels(methods)
         self._token_latency: dict[tuple[str, bool], Histogram] = {}  # (model, first token?) -> child
 
@@ -160,7 +161,7 @@ class Metrics:
         return Counter(PREFIX + name, doc, labels, registry=self.registry)
 
     def _gauge(self, name: str, doc: str, labels: list[str] = ()) -> Gauge:
-        return Gauge(PREFIX + name, doc, labels, registry=self.registry)
+        return Gauge(PREFIX + name, doc, labels, registry=self.registry, multiprocess_mode="livesum")
 
     def _histogram(self, name: str, doc: str, labels: list[str] = (), buckets=LATENCY_BUCKETS) -> Histogram:
         return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=self.registry)
@@ -182,6 +183,10 @@ class Metrics:
         for location in LOCATIONS:
             self.sessions.labels(location)
             self.state_memory.labels(location)
+
+    def record_build(self, torch_version: str) -> None:
+        """The engine core's build (it is the process that loads torch)."""
+        self.build.labels(_version(), platform.python_version(), torch_version).set(1)
 
     def init_model(self, name: str, backend: str) -> None:
         for metric in (
@@ -216,25 +221,21 @@ class Metrics:
             self.sessions_expired.inc()
         self.session_lifetime.observe(lifetime)
 
-    def count_sessions(self, sessions: Collection[Session], pools: dict[str, StatePool]) -> None:
-        """Sessions and their states' bytes by location; `pools` by model version."""
-        on_device = sum(1 for s in sessions if s.on_device)
+    def count_sessions(self, on_device: int, on_host: int, device_bytes: int, host_bytes: int) -> None:
+        """Live sessions and their states' bytes, by location."""
         self.sessions.labels("device").set(on_device)
-        self.sessions.labels("host").set(len(sessions) - on_device)
-        self.state_memory.labels("device").set(
-            sum(p.capacity * p.state_bytes_per_slot for p in pools.values())
-        )
-        self.state_memory.labels("host").set(
-            sum(
-                pools[s.version].state_bytes_per_slot
-                for s in sessions
-                if not s.on_device and s.version in pools
-            )
-        )
+        self.sessions.labels("host").set(on_host)
+        self.state_memory.labels("device").set(device_bytes)
+        self.state_memory.labels("host").set(host_bytes)
 
     def serve(self, host: str, port: int) -> int:
-        """Serve /metrics over HTTP; returns the bound port (port 0 picks a free one)."""
-        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        """Serve /metrics over HTTP, every process's values merged in multiprocess mode;
+        returns the bound port (port 0 picks a free one)."""
+        registry = self.registry
+        if MULTIPROCESS_DIR in os.environ:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        server, _ = start_http_server(port, addr=host, registry=registry)
         return server.server_port
 
 
