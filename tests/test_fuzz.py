@@ -359,29 +359,34 @@ async def test_a_stream_cancelled_before_it_opened_detaches():
     """Found in review: a client gone while `open` waited for the session to settle left the
     session attached for good (every later open refused, and it never expired)."""
 
-    class Engine:
-        detached: list[str] = []
+    class Stream:
+        closed = False
 
-        def attach(self, principal, session_id, takeover):
-            return session_id, "driver"
+        async def opened(self):
+            await asyncio.Event().wait()  # the session never settles
 
-        async def settle(self, session):
-            await asyncio.Event().wait()
+        def close(self):
+            self.closed = True
 
-        def detach(self, session, driver):
-            self.detached.append(session)
+    class EngineClient:
+        opened: list[str] = []
+        stream = Stream()
+
+        def open_stream(self, principal, session_id, takeover):
+            self.opened.append(session_id)
+            return self.stream
 
     async def commands():
         yield Open("open", "s1", False)
         await asyncio.Event().wait()
 
-    engine = Engine()
+    engine = EngineClient()
     opening = asyncio.ensure_future(anext(run_stream(engine, None, commands())))
     await asyncio.sleep(0.05)
     opening.cancel()
     with pytest.raises(asyncio.CancelledError):
         await opening
-    assert engine.detached == ["s1"]
+    assert engine.opened == ["s1"] and engine.stream.closed  # Close tells the engine core to detach
 
 
 # ---- last: the watched session never noticed --------------------------------------------------
