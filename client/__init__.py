@@ -16,6 +16,7 @@ _EXPORTS = {
     "AsyncClient": "client.async_client",
     "AsyncSession": "client.async_session",
     "AsyncTokenStream": "client.token_stream",
+    "Classification": "client.messages",
     "Client": "client.sync_client",
     "ClientOptions": "client.options",
     "DEFAULT_TARGET": "client.options",
@@ -31,6 +32,7 @@ _EXPORTS = {
     "StatusError": "client.errors",
     "Token": "client.messages",
     "TokenStream": "client.token_stream",
+    "label_probabilities": "client.messages",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -42,11 +44,13 @@ if TYPE_CHECKING:  # the names, for type checkers (re-exported)
     from client.errors import SessionDataLostError as SessionDataLostError
     from client.errors import StatusError as StatusError
     from client.history import ResumeResult as ResumeResult
+    from client.messages import Classification as Classification
     from client.messages import Finished as Finished
     from client.messages import FinishReason as FinishReason
     from client.messages import ModelInfo as ModelInfo
     from client.messages import SessionInfo as SessionInfo
     from client.messages import Token as Token
+    from client.messages import label_probabilities as label_probabilities
     from client.options import DEFAULT_TARGET as DEFAULT_TARGET
     from client.options import ClientOptions as ClientOptions
     from client.session import Session as Session

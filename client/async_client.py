@@ -12,7 +12,15 @@ from client.async_session import AsyncSession
 from client.errors import StatusError
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from client.lstmserve.v1.lstm_serve_pb2_grpc import LstmServeServiceStub
-from client.messages import ModelInfo, Prompt, SessionInfo, generate_request, make_duration
+from client.messages import (
+    Classification,
+    ModelInfo,
+    Prompt,
+    SessionInfo,
+    generate_request,
+    make_duration,
+    make_input,
+)
 from client.options import DEFAULT_TARGET, ClientOptions, open_channel
 from client.token_stream import AsyncTokenStream
 
@@ -102,6 +110,12 @@ class AsyncClient:
         """A new session from an exported blob."""
         request = pb.ImportSessionRequest(blob=blob, ttl=make_duration(ttl))
         return AsyncSession(self, (await self._call(self.stub.ImportSession, request)).session, keep=keep)
+
+    async def classify(self, text: Prompt, *, model: str, model_version: str = "") -> Classification:
+        """Each of `model`'s classification heads on `text` (a temporary session absorbs it and
+        ends); FAILED_PRECONDITION for a model without heads."""
+        request = pb.ClassifyRequest(model=model, model_version=model_version, input=make_input(text))
+        return (await self._call(self.stub.Classify, request)).classification
 
     def generate(
         self,

@@ -14,7 +14,7 @@ from client.errors import LstmServeError, SessionClosedError, StatusError
 from client.handle import SessionHandle
 from client.history import REFEED_CHUNK, ResumeResult, TokenHistory
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
-from client.messages import Prompt, SessionInfo, make_input, make_sampling
+from client.messages import Classification, Prompt, SessionInfo, make_input, make_sampling
 from client.token_stream import AsyncTokenStream
 
 if TYPE_CHECKING:
@@ -194,12 +194,16 @@ class AsyncSession(SessionHandle):
         return self._attachment
 
     async def feed(
-        self, prompt: Prompt, *, return_logprobs: bool = False, top_logprobs: int = 0
+        self, prompt: Prompt, *, return_logprobs: bool = False, top_logprobs: int = 0, classify: bool = False
     ) -> AsyncTokenStream:
-        """Absorb `prompt`; returns once done, with a token per fed token if `return_logprobs`."""
+        """Absorb `prompt`; returns once done, with a token per fed token if `return_logprobs`,
+        and with `.classification` (the model's heads on everything absorbed) if `classify`."""
         attachment = await self._attached()
         feed = pb.FeedRequest(
-            input=make_input(prompt), return_logprobs=return_logprobs, top_logprobs=top_logprobs
+            input=make_input(prompt),
+            return_logprobs=return_logprobs,
+            top_logprobs=top_logprobs,
+            classify=classify,
         )
         request_id = await attachment.send(pb.StreamRequest(feed=feed))
         fed = AsyncTokenStream(
@@ -240,6 +244,19 @@ class AsyncSession(SessionHandle):
         return AsyncTokenStream(
             attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id
         )
+
+    async def classify(self) -> Classification:
+        """Each classification head's label probabilities for everything the session has absorbed
+        so far (its state and position do not change); FAILED_PRECONDITION without heads."""
+        attachment = await self._attached()
+        request_id = await attachment.send(pb.StreamRequest(classify=pb.ClassifyCommand()))
+        answer = AsyncTokenStream(
+            attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id
+        )
+        await answer.wait()
+        if answer.classification is None:
+            raise SessionClosedError("the classify request ended before its answer")
+        return answer.classification
 
     async def refresh(self) -> SessionInfo:
         """The server's view of the session now."""

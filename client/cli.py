@@ -10,7 +10,7 @@ from pathlib import Path
 # gRPC's own log lines would break the one-line errors; read when grpc is first imported.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-from client import chat
+from client import chat, classify_cli
 from client import cli_commands as c
 from client.cli_commands import (
     EXIT_BROKEN_PIPE,
@@ -244,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=float, metavar="SECONDS")
     p.set_defaults(run=c.sessions_import)
 
+    classify_cli.add_parser(command, commands)
     command(commands, "models", "list the models served").set_defaults(run=c.models)
     p = command(commands, "health", f"check the server's health (exit {EXIT_NOT_SERVING} if not serving)")
     p.add_argument("--service", default="", help="service to ask about (default: the whole server)")

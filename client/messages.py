@@ -13,6 +13,13 @@ SessionInfo = pb.Session
 Token = pb.Token
 Finished = pb.Finished
 FinishReason = pb.FinishReason
+Classification = pb.Classification
+
+
+def label_probabilities(classification: Classification) -> dict[str, dict[str, float]]:
+    """{head: {label: probability}} of a classification, in each head's label order."""
+    return {h.name: {p.label: p.probability for p in h.labels} for h in classification.heads}
+
 
 Prompt = str | Sequence[int]
 """Text (sent as UTF-8 bytes, one token each) or token ids."""

@@ -45,6 +45,7 @@ def model_dict(m: ModelInfo) -> dict[str, Any]:
         "heldout_bits_per_byte": m.heldout_bits_per_byte,
         "bos_token": m.bos_token,
         "eos_token": m.eos_token,
+        "heads": {h.name: list(h.labels) for h in m.heads},
     }
 
 
@@ -90,7 +91,18 @@ def sessions_table(sessions: Sequence[SessionInfo]) -> str:
 
 
 def models_table(models: Sequence[ModelInfo]) -> str:
-    headers = ("NAME", "VERSION", "CELL", "LAYERS", "HIDDEN", "VOCAB", "BACKEND", "DEVICE", "BITS/BYTE")
+    headers = (
+        "NAME",
+        "VERSION",
+        "CELL",
+        "LAYERS",
+        "HIDDEN",
+        "VOCAB",
+        "BACKEND",
+        "DEVICE",
+        "BITS/BYTE",
+        "HEADS",
+    )
     rows = [
         (
             d["name"],
@@ -102,6 +114,7 @@ def models_table(models: Sequence[ModelInfo]) -> str:
             d["backend"],
             d["device"],
             f"{d['heldout_bits_per_byte']:.3f}" if d["heldout_bits_per_byte"] else "-",
+            ",".join(f"{name}({len(labels)})" for name, labels in d["heads"].items()) or "-",
         )
         for d in map(model_dict, models)
     ]

@@ -15,7 +15,7 @@ from client.errors import LstmServeError, SessionClosedError, StatusError
 from client.handle import SessionHandle
 from client.history import REFEED_CHUNK, ResumeResult, TokenHistory
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
-from client.messages import Prompt, SessionInfo, make_input, make_sampling
+from client.messages import Classification, Prompt, SessionInfo, make_input, make_sampling
 from client.token_stream import TokenStream
 
 if TYPE_CHECKING:
@@ -189,11 +189,17 @@ class Session(SessionHandle):
         assert self._attachment is not None
         return self._attachment
 
-    def feed(self, prompt: Prompt, *, return_logprobs: bool = False, top_logprobs: int = 0) -> TokenStream:
-        """Absorb `prompt`; returns once done, with a token per fed token if `return_logprobs`."""
+    def feed(
+        self, prompt: Prompt, *, return_logprobs: bool = False, top_logprobs: int = 0, classify: bool = False
+    ) -> TokenStream:
+        """Absorb `prompt`; returns once done, with a token per fed token if `return_logprobs`,
+        and with `.classification` (the model's heads on everything absorbed) if `classify`."""
         attachment = self._attached()
         feed = pb.FeedRequest(
-            input=make_input(prompt), return_logprobs=return_logprobs, top_logprobs=top_logprobs
+            input=make_input(prompt),
+            return_logprobs=return_logprobs,
+            top_logprobs=top_logprobs,
+            classify=classify,
         )
         request_id = attachment.send(pb.StreamRequest(feed=feed))
         fed = TokenStream(attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id)
@@ -228,6 +234,17 @@ class Session(SessionHandle):
             attachment.send(pb.StreamRequest(feed=pb.FeedRequest(input=make_input(prompt))), answered=False)
         request_id = attachment.send(pb.StreamRequest(generate=generate))
         return TokenStream(attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id)
+
+    def classify(self) -> Classification:
+        """Each classification head's label probabilities for everything the session has absorbed
+        so far (its state and position do not change); FAILED_PRECONDITION without heads."""
+        attachment = self._attached()
+        request_id = attachment.send(pb.StreamRequest(classify=pb.ClassifyCommand()))
+        answer = TokenStream(attachment.responses(request_id), lambda: attachment.cancel(request_id), self.id)
+        answer.wait()
+        if answer.classification is None:
+            raise SessionClosedError("the classify request ended before its answer")
+        return answer.classification
 
     def refresh(self) -> SessionInfo:
         """The server's view of the session now."""

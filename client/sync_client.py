@@ -11,7 +11,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from client.errors import StatusError
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from client.lstmserve.v1.lstm_serve_pb2_grpc import LstmServeServiceStub
-from client.messages import ModelInfo, Prompt, SessionInfo, generate_request, make_duration
+from client.messages import (
+    Classification,
+    ModelInfo,
+    Prompt,
+    SessionInfo,
+    generate_request,
+    make_duration,
+    make_input,
+)
 from client.options import DEFAULT_TARGET, ClientOptions, open_channel
 from client.session import Session
 from client.token_stream import TokenStream
@@ -96,6 +104,12 @@ class Client:
         """A new session from an exported blob."""
         request = pb.ImportSessionRequest(blob=blob, ttl=make_duration(ttl))
         return Session(self, self._call(self.stub.ImportSession, request).session, keep=keep)
+
+    def classify(self, text: Prompt, *, model: str, model_version: str = "") -> Classification:
+        """Each of `model`'s classification heads on `text` (a temporary session absorbs it and
+        ends); FAILED_PRECONDITION for a model without heads."""
+        request = pb.ClassifyRequest(model=model, model_version=model_version, input=make_input(text))
+        return self._call(self.stub.Classify, request).classification
 
     def generate(
         self,

@@ -14,7 +14,7 @@ import grpc
 
 from client.errors import StatusError
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
-from client.messages import Finished, Token
+from client.messages import Classification, Finished, Token
 
 Response = pb.GenerateResponse | pb.StreamResponse
 
@@ -27,6 +27,8 @@ class _TokenStreamBase:
         """The tokens received so far (a message's all at once, from its first one yielded)."""
         self.finished: Finished | None = None
         """The final event; None until it arrives, and for a cancelled Generate call."""
+        self.classification: Classification | None = None
+        """A feed with `classify`: the heads' answer once the input was absorbed."""
         self._cancelled = False
         self._pending: deque[Token] = deque()  # received, not yielded yet (the rest of a batch)
 
@@ -54,6 +56,8 @@ class _TokenStreamBase:
             batch: list[Token] = list(response.tokens.tokens)
         elif event == "token":
             batch = [response.token]
+        elif event == "classification":
+            self.classification, batch = response.classification, []
         else:  # an event this client does not know
             batch = []
         self.tokens += batch

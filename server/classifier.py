@@ -55,4 +55,4 @@ class ClassifierHead(nn.Module):
     @torch.no_grad()
     def probabilities(self, h: Tensor) -> Tensor:
         """h [B, H] -> label probabilities [B, labels], in float32."""
-        return torch.softmax(self(h).float(), dim=-1)
+        return torch.softmax(self(h.to(self.layers[0].weight.dtype)).float(), dim=-1)

@@ -97,6 +97,12 @@ class Metrics:
             "Between consecutive generated tokens sent on one request",
             ["model"],
         )
+        self.classifications = counter(
+            "classifications", "Classifications answered (Classify, a stream's classify or feed)", ["model"]
+        )
+        self.classify_latency = histogram(
+            "classify_latency_seconds", "From a classify request's arrival to its answer", ["model"]
+        )
         self.queue_wait = histogram(
             "queue_wait_seconds", "From a request's submission to its first step", ["model"]
         )
@@ -195,6 +201,8 @@ class Metrics:
             self.time_to_first_token,
             self.inter_token_latency,
             self.queue_wait,
+            self.classifications,
+            self.classify_latency,
             self.batch_size,
             self.sessions_created,
             self.sessions_to_host,
@@ -214,6 +222,10 @@ class Metrics:
             family = self.time_to_first_token if first else self.inter_token_latency
             histogram = self._token_latency[key] = family.labels(model)
         histogram.observe(seconds)
+
+    def observe_classification(self, model: str, seconds: float) -> None:
+        self.classifications.labels(model).inc()
+        self.classify_latency.labels(model).observe(seconds)
 
     def session_ended(self, reason: str, lifetime: float) -> None:
         self.sessions_ended.labels(reason).inc()

@@ -96,10 +96,20 @@ class Harness:
 async def harness():
     made: list[Scheduler] = []
 
-    def build(max_batch_size: int = 8, max_queue: int = 100, prefill_chunk: int = 64) -> Harness:
+    def build(
+        max_batch_size: int = 8, max_queue: int = 100, prefill_chunk: int = 64, classify=None
+    ) -> Harness:
         pool = StatePool(ModelConfig(cell="rnn", layers=1, hidden=1, embed=1), "cpu", 4, 16)
         backend = CountingBackend(pool)
-        sched = Scheduler(backend, DeviceResidency(pool), max_batch_size, max_queue, prefill_chunk)
+        sched = Scheduler(
+            backend,
+            DeviceResidency(pool),
+            max_batch_size,
+            max_queue,
+            prefill_chunk,
+            classify=classify,
+            labels={"count": ("tokens",)},
+        )
         h = Harness(sched, backend)
         sched.on_iteration, sched.on_record = h.stats.append, h.record
         made.append(sched)
@@ -138,6 +148,33 @@ def tokens_of(events: list[Event]) -> list[int]:
 def finished(events: list[Event]) -> FinishedEvent:
     assert isinstance(events[-1], FinishedEvent), events[-1]
     return events[-1]
+
+
+async def test_classification_comes_after_the_whole_input_batched_and_moves_nothing(harness):
+    calls: list[list[float]] = []
+
+    def classify(h: torch.Tensor) -> dict[str, torch.Tensor]:  # the "head": the token count itself
+        calls.append(h[:, 0].tolist())
+        return {"count": h[:, :1]}
+
+    h = harness(prefill_chunk=2, classify=classify)
+    a, b = session("A"), session("B")
+    long_feed = feed([97] * 5, classify=True)  # three iterations: 2 + 2 + 1 tokens
+    h.sched.submit(a, long_feed)
+    h.sched.submit(b, feed([98]))
+    await h.run(a, b)
+    asked = Job("ask", Outbox(limit=10), classify=True)  # no input: the state as it is
+    h.sched.submit(b, asked)
+    await h.run(b)
+    assert calls == [[5.0], [1.0]]  # once per request, when its input is all absorbed
+    events = drain(long_feed.outbox)
+    assert [type(e).__name__ for e in events] == ["ClassificationEvent", "FinishedEvent"]
+    assert events[0].position == 5 and events[0].heads[0].probabilities == [5.0]
+    answer, done = drain(asked.outbox)
+    assert answer.position == 1 and answer.heads[0].name == "count" and answer.heads[0].labels == ("tokens",)
+    assert done.reason == FinishReason.FED and done.fed_tokens == 0 and b.position == 1
+    assert h.ran(b) == [(0, [98])]  # the classify-only iteration logged nothing and stepped nothing
+    assert h.count(b) == 1
 
 
 async def test_more_ready_sessions_than_the_batch_take_turns(harness):

@@ -90,6 +90,20 @@ def test_fork_reset_and_read_follow_parity(cfg):
 
 
 @pytest.mark.parametrize("cfg", [LSTM, RNN], ids=["lstm", "rnn"])
+def test_top_h_reads_the_buffer_that_holds_each_slots_state(cfg):
+    """What classification heads read: a fused kernel leaves a slot's state in either buffer."""
+    pool = StatePool(cfg, "cpu", 4, 4)
+    flipped, straight = pool.allocate(), pool.allocate()
+    states = {flipped: random_state(cfg), straight: random_state(cfg)}
+    pool.parity[flipped] = 1
+    for slot, state in states.items():
+        pool.write(slot, state)
+    pool.h[0, :, flipped] = 99.0  # the stale buffer: never read
+    top = pool.top_h(torch.tensor([straight, flipped]))
+    assert torch.equal(top, torch.stack([states[straight].h[-1, 0], states[flipped].h[-1, 0]]))
+
+
+@pytest.mark.parametrize("cfg", [LSTM, RNN], ids=["lstm", "rnn"])
 def test_export_import_round_trip(cfg):
     pool = StatePool(cfg, "cpu", 2, 4)
     slot = pool.allocate()

@@ -55,9 +55,15 @@ class RemoteStream:
         return item.session
 
     def submit(
-        self, request_id: str, feed: list[int], generate: GenerateSpec | None, logprobs: bool, top: int
+        self,
+        request_id: str,
+        feed: list[int],
+        generate: GenerateSpec | None,
+        logprobs: bool = False,
+        top: int = 0,
+        classify: bool = False,
     ) -> None:
-        self._client.send(m.Submit(self.id, request_id, feed, generate, logprobs, top))
+        self._client.send(m.Submit(self.id, request_id, feed, generate, logprobs, top, classify))
 
     def cancel(self, request_id: str) -> None:
         self._client.send(m.Cancel(self.id, request_id))

@@ -17,12 +17,12 @@ from client.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc
 from server.api import translate
 from server.api.auth import Authenticator
 from server.api.engine_client import EngineClient
-from server.api.streams import Opened, run_generate, run_stream
+from server.api.streams import Opened, run_classify, run_generate, run_stream
 from server.config import ServeSettings
 from server.errors import ServeError
 from server.ipc import messages as m
 from server.metrics import Metrics
-from server.sessions.jobs import Event, TokenBatchEvent, TokenEvent
+from server.sessions.jobs import ClassificationEvent, Event, TokenBatchEvent, TokenEvent
 from server.sessions.principal import Principal
 
 log = logging.getLogger(__name__)
@@ -143,6 +143,8 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
         elif isinstance(event, TokenBatchEvent):  # each token's time is when it was absorbed
             for token in event.tokens:
                 self.metrics.observe_token_latency(model, token.first, token.latency)
+        elif isinstance(event, ClassificationEvent):
+            self.metrics.observe_classification(model, event.latency)
 
     @unary
     async def ListModels(self, request, principal):
@@ -193,6 +195,14 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
         ttl = translate.ttl_seconds(request)
         reply = await self.engine.call(lambda c: m.ImportSession(c, principal, request.blob, ttl))
         return pb.ImportSessionResponse(session=translate.session_message(reply.session))
+
+    @unary
+    async def Classify(self, request, principal):
+        model, answer = await run_classify(
+            self.engine, principal, translate.classify_call(request, self.settings)
+        )
+        self._observe(model, answer)
+        return pb.ClassifyResponse(classification=translate.classification(answer))
 
     @streaming
     async def Generate(self, request, principal) -> AsyncIterator[pb.GenerateResponse]:

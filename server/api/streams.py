@@ -7,7 +7,8 @@ generation. When the client half-closes, the stream ends once its requests are f
 however it ends, the engine detaches it (cancelling what is left).
 
 The unary-request Generate RPC runs the same path: an `Open` and one `Generate` carrying the
-prompt, on the named session or on a temporary one that ends with the call.
+prompt, on the named session or on a temporary one that ends with the call; so does Classify,
+on a temporary session that absorbs the text and answers.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from server.api.engine_client import EngineClient, LocalError, RemoteStream
-from server.errors import InvalidArgument
+from server.errors import Aborted, InvalidArgument
 from server.ipc import messages as m
-from server.sessions.jobs import Event, FinishedEvent, GenerateSpec
+from server.sessions.jobs import ClassificationEvent, Event, FinishedEvent, GenerateSpec
 from server.sessions.principal import Principal
 
 
@@ -37,6 +38,14 @@ class Feed:
     tokens: list[int]
     return_logprobs: bool
     top_logprobs: int
+    classify: bool = False  # a classification once absorbed
+
+
+@dataclass(frozen=True)
+class Classify:
+    """The heads' answer for what the session has absorbed so far."""
+
+    request_id: str
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,7 @@ class Cancel:
     target: str
 
 
-Command = Open | Feed | Generate | Cancel
+Command = Open | Feed | Generate | Classify | Cancel
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,15 @@ class GenerateCall:
     spec: GenerateSpec
     seed: int | None  # temporary sessions only
     takeover: bool
+
+
+@dataclass(frozen=True)
+class ClassifyCall:
+    """A Classify RPC: a text for a temporary session on a model."""
+
+    model: str
+    version: str
+    tokens: list[int]
 
 
 GENERATE_REQUEST_ID = "generate"
@@ -114,6 +132,30 @@ async def run_generate(
     finally:
         if temporary is not None and not engine.lost.done():
             engine.send(m.EndTemporary(principal, temporary.id))
+
+
+async def run_classify(
+    engine: EngineClient, principal: Principal, call: ClassifyCall
+) -> tuple[str, ClassificationEvent]:
+    """(model, answer): a temporary session absorbs the text, is classified, and ends."""
+    reply = await engine.call(
+        lambda c: m.CreateSession(c, principal, call.model, call.version, None, None, durable=False)
+    )
+    temporary = reply.session
+
+    async def commands() -> AsyncIterator[Command]:
+        yield Open(GENERATE_REQUEST_ID, temporary.id, False)
+        yield Feed(GENERATE_REQUEST_ID, call.tokens, False, 0, classify=True)
+
+    try:
+        async with aclosing(run_stream(engine, principal, commands())) as events:
+            async for event in events:
+                if isinstance(event, ClassificationEvent):
+                    return temporary.model, event
+    finally:
+        if not engine.lost.done():
+            engine.send(m.EndTemporary(principal, temporary.id))
+    raise Aborted("the classify request ended before its answer (the server is stopping); retry it")
 
 
 async def run_stream(
@@ -164,8 +206,15 @@ async def _read(stream: RemoteStream, commands: AsyncIterator[Command], requests
                 )
             if isinstance(command, Feed):
                 stream.submit(
-                    command.request_id, command.tokens, None, command.return_logprobs, command.top_logprobs
+                    command.request_id,
+                    command.tokens,
+                    None,
+                    command.return_logprobs,
+                    command.top_logprobs,
+                    command.classify,
                 )
+            elif isinstance(command, Classify):
+                stream.submit(command.request_id, [], None, classify=True)
             else:
                 stream.submit(command.request_id, list(command.prompt), command.spec, False, 0)
             requests.add(command.request_id)

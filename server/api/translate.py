@@ -15,12 +15,29 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from server import tokenizer
-from server.api.streams import Cancel, Command, Feed, Generate, GenerateCall, Open, Opened
+from server.api.streams import (
+    Cancel,
+    Classify,
+    ClassifyCall,
+    Command,
+    Feed,
+    Generate,
+    GenerateCall,
+    Open,
+    Opened,
+)
 from server.config import ServeSettings
 from server.errors import InvalidArgument
 from server.ipc.messages import ModelInfo, SessionInfo
 from server.sampling import SamplingParams
-from server.sessions.jobs import FinishedEvent, FinishReason, GenerateSpec, TokenBatchEvent, TokenEvent
+from server.sessions.jobs import (
+    ClassificationEvent,
+    FinishedEvent,
+    FinishReason,
+    GenerateSpec,
+    TokenBatchEvent,
+    TokenEvent,
+)
 from server.sessions.principal import Principal
 
 MAX_STOP_SEQUENCES = 16
@@ -182,6 +199,16 @@ def generate_call(request: pb.GenerateRequest, settings: ServeSettings, principa
     )
 
 
+def classify_call(request: pb.ClassifyRequest, settings: ServeSettings) -> ClassifyCall:
+    """A Classify RPC's request: a non-empty text or token ids for a temporary session on a model."""
+    if not request.model:
+        raise InvalidArgument("give model: the classifier to ask (ListModels shows each model's heads)")
+    tokens = input_tokens(request.input, settings, "input")
+    if not tokens:
+        raise InvalidArgument("input is empty: give the text (or token ids) to classify")
+    return ClassifyCall(request.model, request.model_version, tokens)
+
+
 def stream_commands(
     requests: AsyncIterator[pb.StreamRequest], settings: ServeSettings, principal: Principal
 ) -> AsyncIterator[Command]:
@@ -207,12 +234,14 @@ def stream_command(
             raise InvalidArgument("feed input is empty: give text or token ids")
         if feed.top_logprobs > MAX_TOP_LOGPROBS:
             raise InvalidArgument(f"top_logprobs is at most {MAX_TOP_LOGPROBS}, got {feed.top_logprobs}")
-        return Feed(rid, tokens, feed.return_logprobs, feed.top_logprobs)
+        return Feed(rid, tokens, feed.return_logprobs, feed.top_logprobs, feed.classify)
     if kind == "generate":
         return Generate(rid, generate_spec(request.generate, settings, principal))
     if kind == "cancel":
         return Cancel(rid, request.cancel.target_request_id)
-    raise InvalidArgument("a stream request needs one of open, feed, generate or cancel")
+    if kind == "classify":
+        return Classify(rid)
+    raise InvalidArgument("a stream request needs one of open, feed, generate, classify or cancel")
 
 
 # ---- responses ----------------------------------------------------------------------------
@@ -258,6 +287,7 @@ def model_info(model: ModelInfo) -> pb.ModelInfo:
         device=model.device,
         dtype=model.dtype,
         heldout_bits_per_byte=model.heldout_bits_per_byte,
+        heads=[pb.HeadInfo(name=head.name, labels=head.labels) for head in model.heads],
         bos_token=tokenizer.BOS,
         eos_token=tokenizer.EOS,
     )
@@ -284,6 +314,17 @@ def finished_message(event: FinishedEvent) -> pb.Finished:
     )
 
 
+def classification(event: ClassificationEvent) -> pb.Classification:
+    heads = []
+    for head in event.heads:
+        labels = [
+            pb.LabelProbability(label=name, probability=p) for name, p in zip(head.labels, head.probabilities)
+        ]
+        top = max(range(len(head.labels)), key=head.probabilities.__getitem__)
+        heads.append(pb.HeadResult(name=head.name, labels=labels, top_label=head.labels[top]))
+    return pb.Classification(heads=heads, position=event.position)
+
+
 def token_batch(event: TokenBatchEvent) -> pb.TokenBatch:
     return pb.TokenBatch(tokens=[token_message(t) for t in event.tokens])
 
@@ -298,11 +339,15 @@ def generate_response(
     return pb.GenerateResponse(finished=finished_message(event), session_id=session.id)
 
 
-def stream_response(event: Opened | TokenEvent | TokenBatchEvent | FinishedEvent) -> pb.StreamResponse:
+def stream_response(
+    event: Opened | TokenEvent | TokenBatchEvent | ClassificationEvent | FinishedEvent,
+) -> pb.StreamResponse:
     if isinstance(event, Opened):
         return pb.StreamResponse(request_id=event.request_id, opened=session_message(event.session))
     if isinstance(event, TokenEvent):
         return pb.StreamResponse(request_id=event.request_id, token=token_message(event))
     if isinstance(event, TokenBatchEvent):
         return pb.StreamResponse(request_id=event.request_id, tokens=token_batch(event))
+    if isinstance(event, ClassificationEvent):
+        return pb.StreamResponse(request_id=event.request_id, classification=classification(event))
     return pb.StreamResponse(request_id=event.request_id, finished=finished_message(event))

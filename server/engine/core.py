@@ -316,9 +316,15 @@ class Engine:
     def submit(self, session: Session, job: Job) -> None:
         if session.closed:
             raise NotFound(f"session {session.id} was deleted")
+        runtime = self.runtime(session)
+        if job.classify and not runtime.heads:
+            raise FailedPrecondition(
+                f"model {runtime.name!r} version {runtime.version[:12]} has no classification heads (heads: "
+                f"none): classify needs a model trained with `lstm-serve train --task classify`"
+            )
         try:
             self._check_session_queue(session)
-            self.runtime(session).scheduler.submit(session, job)
+            runtime.scheduler.submit(session, job)
         except ResourceExhausted as e:
             self.metrics.sessions_rejected.labels(e.reason).inc()
             raise

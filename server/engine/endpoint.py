@@ -92,6 +92,7 @@ def model_info(runtime: ModelRuntime) -> m.ModelInfo:
         str(runtime.device),
         str(runtime.dtype).removeprefix("torch."),
         bits if math.isfinite(bits) else 0.0,
+        [m.HeadInfo(head.name, head.labels) for head in runtime.heads],
     )
 
 
@@ -166,6 +167,7 @@ class EngineEndpoint:
             generate=message.generate,
             return_logprobs=message.return_logprobs,
             top_logprobs=message.top_logprobs,
+            classify=message.classify,
         )
         try:
             self.engine.submit(s.session, job)

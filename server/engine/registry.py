@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from server import checkpoint
+from server.classifier import HeadSpec
 from server.config import ServeSettings
 from server.device import pick_device
 from server.engine.scheduler import Scheduler, StepStats
@@ -44,6 +45,11 @@ class ModelRuntime:
     @property
     def version(self) -> str:
         return self.meta.fingerprint
+
+    @property
+    def heads(self) -> tuple[HeadSpec, ...]:
+        """Its classification heads (none for a language model only)."""
+        return self.meta.model.heads
 
     @property
     def vocab_size(self) -> int:
@@ -143,8 +149,16 @@ class ModelRegistry:
             for wait in stats.queue_wait:
                 wait_hist.observe(wait)
 
+        heads = loaded.meta.model.heads
         scheduler = Scheduler(
-            backend, residency, s.max_batch_size, s.max_queue, s.prefill_chunk, on_iteration
+            backend,
+            residency,
+            s.max_batch_size,
+            s.max_queue,
+            s.prefill_chunk,
+            on_iteration,
+            classify=loaded.model.to(torch.float32).classify if heads else None,
+            labels={head.name: head.labels for head in heads},
         )
         return ModelRuntime(
             name,

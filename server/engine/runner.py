@@ -8,7 +8,9 @@ The scheduler's phases hand each other typed records:
 The runner makes the rows' states resident, has their tokens logged (before the step: if the
 log refuses them, nothing moves), resets the rows that start over, runs the backend's
 batched sub-steps and records each session's new position, history and logits with its
-state, so that a snapshot taken between iterations is consistent.
+state, so that a snapshot taken between iterations is consistent. Rows whose request asks
+for a classification once its input is absorbed get it after the sub-steps, from the top
+layer's h in the pool, all such rows in one batch per head.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import numpy as np
 import torch
 
 from server.kernels import StepBackend
-from server.sessions.jobs import Job
+from server.sessions.jobs import HeadProbabilities, Job
 from server.sessions.residency import DeviceResidency
 from server.sessions.store import Session
 
 # step thread, before the step: (session, start position, tokens) per row, for the log
 RecordFn = Callable[[list[tuple[Session, int, list[int]]]], None]
+# the top layer's h [B, H] -> each head's label probabilities [B, labels] (RecurrentLM.classify)
+ClassifyFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,13 @@ class Row:
     generating: bool  # the tokens are sampled, not fed
     before: np.ndarray | None = None  # [V] the logits before this iteration (zeros when starting over)
     absorbed: list[Absorbed] = field(default_factory=list)
+    classified: list[HeadProbabilities] | None = None  # the heads' answer after this iteration
+
+    @property
+    def classifies(self) -> bool:
+        """Its request wants a classification, and this iteration absorbs the rest of its input."""
+        job = self.job
+        return job.classify and not self.generating and job.fed + len(self.tokens) == len(job.feed)
 
 
 @dataclass
@@ -81,10 +92,17 @@ class Runner:
     """Runs a planned batch in the step thread (where every pool operation runs)."""
 
     def __init__(
-        self, backend: StepBackend, residency: DeviceResidency, on_record: RecordFn = lambda entries: None
+        self,
+        backend: StepBackend,
+        residency: DeviceResidency,
+        on_record: RecordFn = lambda entries: None,
+        classify: ClassifyFn | None = None,
+        labels: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.backend = backend
         self.residency = residency
+        self.classify = classify  # None: the model has no classification heads
+        self.labels = labels or {}  # head name -> its labels
         # raises Unavailable if the tokens cannot be recorded, and then no state moves
         self.on_record = on_record
 
@@ -94,7 +112,9 @@ class Runner:
         rows = [
             r for r in batch.rows if not r.session.closed and self.residency.make_resident(r.session, pinned)
         ]
-        self.on_record([(row.session, row.position, row.tokens) for row in rows if not row.job.replay])
+        self.on_record(
+            [(row.session, row.position, row.tokens) for row in rows if row.tokens and not row.job.replay]
+        )
         for row in rows:
             if row.job.starts_over:
                 self.residency.reset(row.session)
@@ -111,4 +131,18 @@ class Runner:
                 rows[i].session.logits = logits[n]
         for row in rows:
             row.session.remember(row.position, row.tokens)
+        self._classify([row for row in rows if row.classifies])
         return StepOutput(rows, substeps)
+
+    def _classify(self, rows: list[Row]) -> None:
+        """Each head on the rows' current top-layer h, in one batch."""
+        if not rows or self.classify is None:
+            return
+        slots = torch.tensor([row.session.slot for row in rows], dtype=torch.int64)
+        h = self.residency.pool.top_h(slots.to(self.residency.pool.device))  # [R, H]
+        answers = {name: p.cpu().tolist() for name, p in self.classify(h).items()}  # name -> [R][labels]
+        for i, row in enumerate(rows):
+            row.classified = [
+                HeadProbabilities(name, self.labels[name], probabilities[i])
+                for name, probabilities in answers.items()
+            ]

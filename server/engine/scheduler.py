@@ -31,7 +31,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from server.engine.runner import Absorbed, RecordFn, Row, Runner, StepBatch, StepOutput
+from server.engine.runner import Absorbed, ClassifyFn, RecordFn, Row, Runner, StepBatch, StepOutput
 from server.errors import ResourceExhausted, Unavailable
 from server.kernels import StepBackend
 from server.sampling import log_softmax, sample, top_logprobs
@@ -65,6 +65,8 @@ class Scheduler:
         prefill_chunk: int,
         on_iteration: Callable[[StepStats], None] = lambda stats: None,
         on_record: RecordFn = lambda entries: None,
+        classify: ClassifyFn | None = None,
+        labels: dict[str, tuple[str, ...]] | None = None,
     ) -> None:
         self.backend = backend
         self.residency = residency
@@ -72,7 +74,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
         self.on_iteration = on_iteration
-        self.runner = Runner(backend, residency, on_record)
+        self.runner = Runner(backend, residency, on_record, classify, labels)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._ready: deque[Session] = deque()
         self._queued = 0  # jobs submitted and not finished
@@ -175,7 +177,8 @@ class Scheduler:
             else:
                 tokens = job.feed_chunk(self.prefill_chunk) if job.feeding else []
                 position = 0 if job.starts_over else session.position
-                rows.append(Row(session, job, tokens, position, generating=not job.feeding))
+                generating = job.generate is not None and not job.feeding
+                rows.append(Row(session, job, tokens, position, generating))
         self._ready.extendleft(reversed(waiting))
         return StepBatch(rows)
 
@@ -282,6 +285,8 @@ class Scheduler:
                 job.absorbed(a.token, a.logprob, session.position, a.top, session.durable_position)
             if row.absorbed:
                 session.touch()
+            if row.classified is not None and not job.done:
+                job.classified(row.classified, session.position, session.durable_position)
             if job.cancelled and not job.done:
                 job.finish(FinishReason.CANCELLED, session.position, session.durable_position)
             if job.done and session.jobs and session.jobs[0] is job:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from msgspec import Struct
 
 from server import errors
-from server.sessions.jobs import FinishedEvent, GenerateSpec, TokenBatchEvent, TokenEvent
+from server.sessions.jobs import ClassificationEvent, FinishedEvent, GenerateSpec, TokenBatchEvent, TokenEvent
 from server.sessions.principal import Principal
 
 
@@ -39,6 +39,11 @@ class SessionInfo(Struct, array_like=True):
     durable_position: int
 
 
+class HeadInfo(Struct, array_like=True):
+    name: str
+    labels: tuple[str, ...]
+
+
 class ModelInfo(Struct, array_like=True):
     """A loaded model version, as ListModels describes it."""
 
@@ -52,6 +57,7 @@ class ModelInfo(Struct, array_like=True):
     device: str
     dtype: str
     heldout_bits_per_byte: float  # 0 when unknown
+    heads: list[HeadInfo] = []  # classification heads
 
 
 ERRORS = {cls.code: cls for cls in errors.ServeError.__subclasses__()}
@@ -174,6 +180,7 @@ class Submit(Message):
     generate: GenerateSpec | None
     return_logprobs: bool = False
     top_logprobs: int = 0
+    classify: bool = False  # a classification once the input (if any) is absorbed
 
 
 class Cancel(Message):
@@ -244,7 +251,7 @@ class Opened(Message):
 
 class StreamEvent(Message):
     stream: int
-    event: TokenEvent | TokenBatchEvent | FinishedEvent
+    event: TokenEvent | TokenBatchEvent | ClassificationEvent | FinishedEvent
 
 
 class StreamFailed(Message):

@@ -87,6 +87,11 @@ class StatePool:
         self._used.remove(slot)
         heapq.heappush(self._free, slot)
 
+    def top_h(self, slots: Tensor) -> Tensor:
+        """The top layer's current h of `slots` (int64 [B], on the pool's device): [B, H] fp32,
+        read from whichever buffer holds each slot's state."""
+        return self.h[self.parity[slots].long(), self.config.layers - 1, slots]
+
     def fork(self, slot: int) -> int:
         """A new slot holding a copy of `slot`'s state."""
         self._check(slot)

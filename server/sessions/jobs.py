@@ -58,6 +58,23 @@ class TokenBatchEvent(msgspec.Struct, tag=True, array_like=True):
     tokens: list[TokenEvent]
 
 
+class HeadProbabilities(msgspec.Struct, array_like=True):
+    """One classification head's answer: its labels' probabilities, in its label order."""
+
+    name: str
+    labels: tuple[str, ...]
+    probabilities: list[float]
+
+
+class ClassificationEvent(msgspec.Struct, tag=True, array_like=True):
+    """Every head's answer for the session's first `position` tokens (its state not changed)."""
+
+    request_id: str
+    heads: list[HeadProbabilities]
+    position: int
+    latency: float  # seconds since the request arrived
+
+
 @dataclass(frozen=True)
 class ErrorEvent:
     """Ends the stream with an error (the session was deleted, expired or taken over)."""
@@ -65,7 +82,7 @@ class ErrorEvent:
     error: Exception
 
 
-Event = TokenEvent | TokenBatchEvent | FinishedEvent | ErrorEvent
+Event = TokenEvent | TokenBatchEvent | ClassificationEvent | FinishedEvent | ErrorEvent
 
 
 class Outbox:
@@ -114,6 +131,7 @@ class Job:
     generate: GenerateSpec | None = None
     return_logprobs: bool = False  # a TokenEvent per fed token
     top_logprobs: int = 0
+    classify: bool = False  # a ClassificationEvent once the input is absorbed (no generation then)
     reset: bool = False  # zero the session's state first (creation, ResetSession)
     replay: bool = False  # logged tokens fed again after a restart: not logged a second time
     fed: int = 0
@@ -160,7 +178,7 @@ class Job:
             self.fed += 1
             if self.return_logprobs:
                 self.outbox.put(TokenEvent(self.request_id, token, text, logprob, position, durable, top))
-            if not self.feeding and self.generate is None:
+            if not self.feeding and self.generate is None and not self.classify:
                 self.finish(FinishReason.FED, position, durable)
             return
         self.generated += 1
@@ -179,6 +197,12 @@ class Job:
         reason = self._finish_reason(token, text)
         if reason is not None:
             self.finish(reason, position, durable)
+
+    def classified(self, heads: list[HeadProbabilities], position: int, durable: int = 0) -> None:
+        """Report the heads' answer for the state after the input, and finish."""
+        latency = time.perf_counter() - self.created_at
+        self.outbox.put(ClassificationEvent(self.request_id, heads, position, latency))
+        self.finish(FinishReason.FED, position, durable)
 
     def _finish_reason(self, token: int, text: str) -> FinishReason | None:
         spec = self.generate

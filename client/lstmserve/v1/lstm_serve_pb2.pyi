@@ -45,7 +45,7 @@ FINISH_REASON_CANCELLED: FinishReason
 FINISH_REASON_FED: FinishReason
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "cell", "layers", "hidden", "vocab_size", "backend", "device", "dtype", "heldout_bits_per_byte", "bos_token", "eos_token")
+    __slots__ = ("name", "version", "cell", "layers", "hidden", "vocab_size", "backend", "device", "dtype", "heldout_bits_per_byte", "bos_token", "eos_token", "heads")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CELL_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class ModelInfo(_message.Message):
     HELDOUT_BITS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
     BOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     cell: Cell
@@ -70,7 +71,58 @@ class ModelInfo(_message.Message):
     heldout_bits_per_byte: float
     bos_token: int
     eos_token: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cell: _Optional[_Union[Cell, str]] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., heldout_bits_per_byte: _Optional[float] = ..., bos_token: _Optional[int] = ..., eos_token: _Optional[int] = ...) -> None: ...
+    heads: _containers.RepeatedCompositeFieldContainer[HeadInfo]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., cell: _Optional[_Union[Cell, str]] = ..., layers: _Optional[int] = ..., hidden: _Optional[int] = ..., vocab_size: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., heldout_bits_per_byte: _Optional[float] = ..., bos_token: _Optional[int] = ..., eos_token: _Optional[int] = ..., heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ...) -> None: ...
+
+class HeadInfo(_message.Message):
+    __slots__ = ("name", "labels")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Classification(_message.Message):
+    __slots__ = ("heads", "position")
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    heads: _containers.RepeatedCompositeFieldContainer[HeadResult]
+    position: int
+    def __init__(self, heads: _Optional[_Iterable[_Union[HeadResult, _Mapping]]] = ..., position: _Optional[int] = ...) -> None: ...
+
+class HeadResult(_message.Message):
+    __slots__ = ("name", "labels", "top_label")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    TOP_LABEL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    labels: _containers.RepeatedCompositeFieldContainer[LabelProbability]
+    top_label: str
+    def __init__(self, name: _Optional[str] = ..., labels: _Optional[_Iterable[_Union[LabelProbability, _Mapping]]] = ..., top_label: _Optional[str] = ...) -> None: ...
+
+class LabelProbability(_message.Message):
+    __slots__ = ("label", "probability")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class ClassifyRequest(_message.Message):
+    __slots__ = ("model", "model_version", "input")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    input: Input
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., input: _Optional[_Union[Input, _Mapping]] = ...) -> None: ...
+
+class ClassifyResponse(_message.Message):
+    __slots__ = ("classification",)
+    CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
+    classification: Classification
+    def __init__(self, classification: _Optional[_Union[Classification, _Mapping]] = ...) -> None: ...
 
 class Session(_message.Message):
     __slots__ = ("id", "model", "model_version", "seed", "position", "created_at", "expires_at", "ttl", "location", "attached", "durable_position")
@@ -333,14 +385,20 @@ class OpenStream(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., takeover: _Optional[bool] = ...) -> None: ...
 
 class FeedRequest(_message.Message):
-    __slots__ = ("input", "return_logprobs", "top_logprobs")
+    __slots__ = ("input", "return_logprobs", "top_logprobs", "classify")
     INPUT_FIELD_NUMBER: _ClassVar[int]
     RETURN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFY_FIELD_NUMBER: _ClassVar[int]
     input: Input
     return_logprobs: bool
     top_logprobs: int
-    def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ...) -> None: ...
+    classify: bool
+    def __init__(self, input: _Optional[_Union[Input, _Mapping]] = ..., return_logprobs: _Optional[bool] = ..., top_logprobs: _Optional[int] = ..., classify: _Optional[bool] = ...) -> None: ...
+
+class ClassifyCommand(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class GenerateTokensRequest(_message.Message):
     __slots__ = ("max_tokens", "sampling", "stop", "ignore_eos", "stream_interval")
@@ -363,29 +421,33 @@ class CancelRequest(_message.Message):
     def __init__(self, target_request_id: _Optional[str] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
-    __slots__ = ("request_id", "open", "feed", "generate", "cancel")
+    __slots__ = ("request_id", "open", "feed", "generate", "cancel", "classify")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     FEED_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     open: OpenStream
     feed: FeedRequest
     generate: GenerateTokensRequest
     cancel: CancelRequest
-    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenStream, _Mapping]] = ..., feed: _Optional[_Union[FeedRequest, _Mapping]] = ..., generate: _Optional[_Union[GenerateTokensRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ...) -> None: ...
+    classify: ClassifyCommand
+    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenStream, _Mapping]] = ..., feed: _Optional[_Union[FeedRequest, _Mapping]] = ..., generate: _Optional[_Union[GenerateTokensRequest, _Mapping]] = ..., cancel: _Optional[_Union[CancelRequest, _Mapping]] = ..., classify: _Optional[_Union[ClassifyCommand, _Mapping]] = ...) -> None: ...
 
 class StreamResponse(_message.Message):
-    __slots__ = ("request_id", "opened", "token", "finished", "tokens")
+    __slots__ = ("request_id", "opened", "token", "finished", "tokens", "classification")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OPENED_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     opened: Session
     token: Token
     finished: Finished
     tokens: TokenBatch
-    def __init__(self, request_id: _Optional[str] = ..., opened: _Optional[_Union[Session, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ...) -> None: ...
+    classification: Classification
+    def __init__(self, request_id: _Optional[str] = ..., opened: _Optional[_Union[Session, _Mapping]] = ..., token: _Optional[_Union[Token, _Mapping]] = ..., finished: _Optional[_Union[Finished, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., classification: _Optional[_Union[Classification, _Mapping]] = ...) -> None: ...

@@ -89,6 +89,11 @@ class LstmServeServiceStub:
                 request_serializer=client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StreamRequest.SerializeToString,
                 response_deserializer=client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StreamResponse.FromString,
                 _registered_method=True)
+        self.Classify = channel.unary_unary(
+                '/lstmserve.v1.LstmServeService/Classify',
+                request_serializer=client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ClassifyResponse.FromString,
+                _registered_method=True)
 
 
 class LstmServeServiceServicer:
@@ -171,6 +176,15 @@ class LstmServeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Classify(self, request, context):
+        """Classify one text (many-to-one): a temporary session on `model` absorbs it, and each of
+        the model's classification heads answers from the final state. FAILED_PRECONDITION for a
+        model without heads.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LstmServeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +242,11 @@ def add_LstmServeServiceServicer_to_server(servicer, server):
                     servicer.Stream,
                     request_deserializer=client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StreamRequest.FromString,
                     response_serializer=client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StreamResponse.SerializeToString,
+            ),
+            'Classify': grpc.unary_unary_rpc_method_handler(
+                    servicer.Classify,
+                    request_deserializer=client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ClassifyRequest.FromString,
+                    response_serializer=client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ClassifyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -527,6 +546,33 @@ class LstmServeService:
             '/lstmserve.v1.LstmServeService/Stream',
             client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StreamRequest.SerializeToString,
             client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.StreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Classify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lstmserve.v1.LstmServeService/Classify',
+            client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ClassifyRequest.SerializeToString,
+            client_dot_lstmserve_dot_v1_dot_lstm__serve__pb2.ClassifyResponse.FromString,
             options,
             channel_credentials,
             insecure,
