@@ -108,7 +108,7 @@ class Metrics:
         )
         self.step_duration = histogram(
             "step_duration_seconds",
-            "One scheduler iteration in the step thread (all its batched steps)",
+            "One scheduler iteration (all its batched steps)",
             ["model", "backend"],
         )
         self.batch_size = histogram(

@@ -196,7 +196,7 @@ def write_failed(error: OSError) -> Unavailable:
 
 
 class WriteAheadLog:
-    """Appends from step threads; fsyncs, and retries after a fault, from its own thread."""
+    """Appends from the engine's loop (before each step); fsyncs, and retries after a fault, from its own thread."""
 
     def __init__(
         self,
@@ -266,7 +266,7 @@ class WriteAheadLog:
             if not batch:
                 return
             try:
-                segment.fsync()  # outside the append lock: a slow disk does not stall the step thread
+                segment.fsync()  # outside the append lock: a slow disk does not stall the steps
             except OSError as e:
                 with self._lock:
                     self._unsynced[:0] = batch  # still to be made durable, in a new segment

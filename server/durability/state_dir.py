@@ -279,7 +279,7 @@ class Durability:
         sessions: list[Session], state_of: Callable[[Session], bytes | None], moved_only: bool
     ) -> list[Snapshot]:
         """Snapshot contents of `sessions` (with moved_only, those that changed since their last
-        one); in the step thread for sessions on a loaded model, whose state `state_of` exports.
+        one); between iterations for sessions on a loaded model, whose state `state_of` exports.
         A session whose replay is under way keeps its old snapshot (it holds what is left to replay)."""
         now = time.time()
         return [

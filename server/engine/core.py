@@ -204,7 +204,7 @@ class Engine:
         child.logits, child.history = parent.logits.copy(), list(parent.history)
         parent.touch()
         await self._or_rolled_back(
-            child, runtime.scheduler.in_step_thread(self._copy_and_snapshot, runtime, parent, child)
+            child, runtime.scheduler.between_iterations(self._copy_and_snapshot, runtime, parent, child)
         )
         return child
 
@@ -219,7 +219,7 @@ class Engine:
         runtime = self.runtime(session)
         position, logits = session.position, session.logits.copy()
         session.touch()
-        state = await runtime.scheduler.in_step_thread(runtime.residency.state_bytes, session)
+        state = await runtime.scheduler.between_iterations(runtime.residency.state_bytes, session)
         packed = blob.pack(
             blob.SessionBlob(runtime.name, runtime.version, position, session.seed, state, logits)
         )
@@ -244,7 +244,9 @@ class Engine:
         try:
             placed = await self._or_rolled_back(
                 session,
-                runtime.scheduler.in_step_thread(self._load_and_snapshot, runtime, session, exported.state),
+                runtime.scheduler.between_iterations(
+                    self._load_and_snapshot, runtime, session, exported.state
+                ),
             )
         except ValueError as e:
             raise InvalidArgument(f"the blob's state does not fit model {runtime.name!r}: {e}") from e
@@ -401,7 +403,7 @@ class Engine:
             )
 
     def _end(self, session: Session, reason: str) -> None:
-        """Remove a session, end its stream, and free its state (in the step thread)."""
+        """Remove a session, end its stream, and free its state (between iterations)."""
         if session.closed:
             return
         self.store.remove(session, expired=reason == "expired")
@@ -413,7 +415,7 @@ class Engine:
         if not session.stranded:
             runtime = self.runtime(session)
             runtime.scheduler.wake()
-            runtime.scheduler.executor.submit(runtime.residency.release, session)
+            runtime.residency.release(session)
         self.metrics.session_ended(reason, time.time() - session.created_at)
 
     def _count_sessions(self) -> None:

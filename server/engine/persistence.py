@@ -118,7 +118,7 @@ class Persistence:
         taken = self.durability.snapshots_of(self.store.stranded(), lambda s: s.host_state, moved_only)
         for runtime in self.registry.runtimes():
             sessions = self.store.running_on(runtime.version)  # here: the store changes on the event loop
-            taken += await runtime.scheduler.in_step_thread(
+            taken += await runtime.scheduler.between_iterations(
                 self.durability.snapshots_of, sessions, runtime.residency.state_bytes, moved_only
-            )  # in the step thread, between iterations: states and positions agree
+            )  # between iterations: states and positions agree
         await asyncio.to_thread(self.durability.write_snapshots, taken)

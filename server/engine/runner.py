@@ -1,10 +1,10 @@
-"""One iteration's data, and the step thread's part of it.
+"""One iteration's data, and the step's part of it.
 
 The scheduler's phases hand each other typed records:
-    plan()            event loop   -> StepBatch: a Row per session that runs
-    sampling          event loop      fills each generating row's token and every row's `before`
-    Runner.execute    step thread  -> StepOutput: the rows that ran and one SubStep per batched step
-    update            event loop      an Absorbed per token of each row, delivered to its job
+    plan()            -> StepBatch: a Row per session that runs
+    sampling             fills each generating row's token and every row's `before`
+    Runner.execute    -> StepOutput: the rows that ran and one SubStep per batched step
+    update               an Absorbed per token of each row, delivered to its job
 The runner makes the rows' states resident, has their tokens logged (before the step: if the
 log refuses them, nothing moves), resets the rows that start over, runs the backend's
 batched sub-steps and records each session's new position, history and logits with its
@@ -27,7 +27,7 @@ from server.sessions.jobs import HeadProbabilities, Job
 from server.sessions.residency import DeviceResidency
 from server.sessions.store import Session
 
-# step thread, before the step: (session, start position, tokens) per row, for the log
+# before the step: (session, start position, tokens) per row, for the log
 RecordFn = Callable[[list[tuple[Session, int, list[int]]]], None]
 # the top layer's h [B, H] -> each head's label probabilities [B, labels] (RecurrentLM.classify)
 ClassifyFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -81,7 +81,7 @@ class SubStep:
 
 @dataclass
 class StepOutput:
-    """What the step thread did: the rows that ran (resident and not closed) and their sub-steps."""
+    """What the step did: the rows that ran (resident and not closed) and their sub-steps."""
 
     rows: list[Row] = field(default_factory=list)
     substeps: list[SubStep] = field(default_factory=list)
@@ -89,7 +89,7 @@ class StepOutput:
 
 
 class Runner:
-    """Runs a planned batch in the step thread (where every pool operation runs)."""
+    """Runs a planned batch (between iterations, where every pool operation runs too)."""
 
     def __init__(
         self,

@@ -1,21 +1,23 @@
 """Continuous batching: one loop per model turns every session's pending work into batched steps.
 
-Each iteration runs in three typed phases (the records are in runner.py):
-  plan() -> StepBatch, on the event loop: up to max_batch_size sessions that have a job
+Each iteration runs in three typed phases (the records are in runner.py), one after the other
+on the engine core's one thread, to the end before anything else runs:
+  plan() -> StepBatch: up to max_batch_size sessions that have a job
      (round-robin; at most one job per session, FIFO within it; a session whose client
      stopped reading is skipped); a row feeding a prompt takes up to `prefill_chunk` tokens
      of it, so a long prompt moves fast yet delays the others' next token by a bounded amount.
-     Then, still on the event loop, the next token of every generating row is sampled from
-     its stored logits, in one batch.
-  Runner.execute(batch) -> StepOutput, in the step thread: residency, logging the tokens
+     Then the next token of every generating row is sampled from its stored logits, in one
+     batch.
+  Runner.execute(batch) -> StepOutput: residency, logging the tokens
      (with a state dir; if the log refuses them, no state moves and the requests end
      UNAVAILABLE), resets, the batched sub-steps, and each session's new state position,
      history and logits (with its state, so a snapshot between iterations is consistent).
-  update(batch, output), on the event loop: the logprobs of what each row absorbed, handed to
-     its job; the sessions requeued; the iteration's stats reported.
-Pool operations (fork, reset, export, import, free) also run in the step thread, between
-iterations. The event loop keeps only light numpy work: the step thread holds the GIL as
-little as it can, since the event loop's gRPC writes need it too.
+  update(batch, output): the logprobs of what each row absorbed, handed to its job; the
+     sessions requeued; the iteration's stats reported.
+Between iterations the loop yields once: the iteration's events leave (one frame to the front
+end), and the commands that arrived meanwhile are taken. Pool operations (fork, reset,
+export, import, free) run then too, so none ever overlaps a step: no lock, no thread hand-off
+(the engine core process has no gRPC beside it: its thread is the step's).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -75,7 +76,6 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.on_iteration = on_iteration
         self.runner = Runner(backend, residency, on_record, classify, labels)
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="step")
         self._ready: deque[Session] = deque()
         self._queued = 0  # jobs submitted and not finished
         self._wake = asyncio.Event()
@@ -98,14 +98,13 @@ class Scheduler:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
 
     async def stop(self) -> None:
-        """Finish the running iteration, then stop; the step thread ends after pending pool ops."""
+        """Finish the running iteration, then stop."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self.executor.shutdown(wait=True)
 
     def submit(self, session: Session, job: Job) -> None:
         """Queue `job` behind `session`'s earlier ones; RESOURCE_EXHAUSTED when the queue is full."""
@@ -129,9 +128,10 @@ class Scheduler:
         self._settle_waiters.setdefault(session.id, []).append(waiter)
         await waiter
 
-    async def in_step_thread(self, fn: Callable[..., T], *args: object) -> T:
-        """Run a pool operation in the step thread, between iterations."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def between_iterations(self, fn: Callable[..., T], *args: object) -> T:
+        """Run a pool operation: called from the loop, it runs between iterations (an iteration
+        runs to its end before the loop takes anything else)."""
+        return fn(*args)
 
     @property
     def queued(self) -> int:
@@ -146,7 +146,6 @@ class Scheduler:
         self._wake.set()
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             self._wake.clear()
             batch = self.plan()
@@ -155,10 +154,11 @@ class Scheduler:
                 continue
             try:
                 self._sample(batch)
-                output = await loop.run_in_executor(self.executor, self.runner.execute, batch)
+                output = self.runner.execute(batch)
             except Exception as e:  # handled by update: the requests of this batch end
                 output = StepOutput(error=e)
             self.update(batch, output)
+            await asyncio.sleep(0)  # the events leave, new commands come in
 
     # ---- plan: which sessions run --------------------------------------------------------
 

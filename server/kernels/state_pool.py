@@ -12,7 +12,8 @@ kernels may write it freely and no session ever owns it. Rows 1..capacity are se
 a slot id stays valid for the session's life, even when the pool grows.
 The pool grows by doubling up to `max_slots`; growth replaces the tensors, and `generation`
 counts replacements so that step backends know to re-read them (and re-capture CUDA graphs).
-Every method runs in the step thread between steps, never during one: there is no lock.
+Every method runs between steps, never during one (the engine core runs both on one thread):
+there is no lock.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ A session's state is either in the device pool (`session.slot`) or in host memor
 (`session.host_state`: the pool's export bytes, or None for a fresh zero state). Before a
 step, every session in the batch is made resident: a free slot is taken, or the least
 recently used idle session (failing that, any session outside the batch) is moved to host
-memory to free one. Runs in the step thread only (as every pool operation does), so it
+memory to free one. Runs between steps only (as every pool operation does), so it
 needs no lock.
 """
 

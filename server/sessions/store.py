@@ -53,7 +53,7 @@ class Session:
     created_at: float  # unix time
     expires_at: float
     position: int = 0  # tokens absorbed and reported, <bos> included (event loop)
-    # the step thread's view: the state holds `state_position` tokens; logits and history match it
+    # the step's view: the state holds `state_position` tokens; logits and history match it
     state_position: int = 0
     logits: np.ndarray | None = None  # [V] fp32, next-token logits (host memory)
     history: list[int] = field(default_factory=list)  # the last absorbed tokens (at most HISTORY)
