@@ -134,6 +134,11 @@ def evaluate(
         for example, guess in zip(batch, predicted.tolist()):
             confusion[example.label, guess] += 1
     model.train()
+    return scores(confusion)
+
+
+def scores(confusion: Tensor) -> dict:
+    """Accuracy, macro-F1 and the matrix itself, from a confusion matrix [true][predicted]."""
     tp = confusion.diag().float()
     precision = tp / confusion.sum(0).clamp(min=1)
     recall = tp / confusion.sum(1).clamp(min=1)
