@@ -7,8 +7,9 @@
    install carries, with their manifest);
 2. measures two baselines on the same split: the majority class, and a bag-of-bytes
    multinomial logistic regression (each snippet's byte histogram, full-batch L-BFGS);
-3. trains a `language` head on the default language model's final state
-   (`lstm-serve train --task classify --init models/default.safetensors`, encoder frozen);
+3. trains a `language` head on the default language model's final state, fine-tuning the
+   encoder too (`lstm-serve train --task classify --init models/default.safetensors
+   --fine-tune`; `--frozen` trains the head alone and leaves the language model as it was);
 4. prints the three side by side and writes them to models/language.train/results.json.
 """
 
@@ -83,8 +84,12 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=ROOT / "data/language")
     parser.add_argument("--out", type=Path, default=ROOT / "models/language.safetensors")
     parser.add_argument("--init", type=Path, default=ROOT / "models/default.safetensors")
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--max-minutes", type=float, default=20.0)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--frozen", action="store_true", help="train the head only (the language model stays as it is)"
+    )
     args = parser.parse_args()
 
     counts = language_data.build(args.data)
@@ -97,12 +102,15 @@ def main() -> int:
         out=args.out,
         init=args.init,
         head="language",
+        fine_tune=not args.frozen,
+        lr=args.lr,
         epochs=args.epochs,
         max_minutes=args.max_minutes,
     )
     started = time.perf_counter()
     trained = train_classifier(config)
-    results["LSTM head on the default model (frozen)"] = {
+    how = "head only" if args.frozen else "fine-tuned"
+    results[f"LSTM: the default model + a head, {how}"] = {
         **trained.model_dump(),
         "seconds": time.perf_counter() - started,
     }
