@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import sys
 import time
@@ -29,6 +30,7 @@ from client.options import ClientOptions
 from client.render import table
 
 PERCENTILES = (50, 95, 99)
+MAX_CONNECTIONS = 16  # the default's cap: enough to reach every front end of a large machine
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,9 @@ class BenchConfig:
     """Generate past <eos>: every request then runs to `max_tokens`."""
     stream_interval: int = 1
     """Generated tokens per message from the server (0 or 1: each in its own)."""
+    connections: int | None = None
+    """HTTP/2 connections the sessions are spread over (None: one per session, at most
+    MAX_CONNECTIONS), so that they reach every front-end process of the server."""
     progress: bool = True
 
 
@@ -100,8 +105,8 @@ def percentiles_ms(values: Sequence[float]) -> dict[str, float | None]:
 
 
 class _Run:
-    def __init__(self, client: AsyncClient, config: BenchConfig) -> None:
-        self.client = client
+    def __init__(self, clients: list[AsyncClient], config: BenchConfig) -> None:
+        self.clients = clients
         self.config = config
         self.result = BenchResult(config)
         duration = config.duration if config.duration is not None or config.tokens is not None else 10.0
@@ -118,7 +123,8 @@ class _Run:
         while not self.over():
             try:
                 if session is None:
-                    session = await self.client.create_session(self.config.model, seed=seed)
+                    client = self.clients[index % len(self.clients)]
+                    session = await client.create_session(self.config.model, seed=seed)
                 await self.request(session)
             except LstmServeError as e:
                 self.result.errors[e.code.name if isinstance(e, StatusError) else type(e).__name__] += 1
@@ -194,19 +200,23 @@ class _Run:
 
 async def run_bench(target: str, options: ClientOptions, config: BenchConfig) -> BenchResult:
     """Run the load and measure it."""
-    async with AsyncClient(target, options) as client:
-        run = _Run(client, config)
-        start = time.perf_counter()
-        bar = asyncio.create_task(run.progress(start)) if config.progress else None
-        try:
-            await asyncio.gather(*(run.worker(i) for i in range(config.sessions)))
-        finally:
-            run.result.elapsed_s = time.perf_counter() - start
-            if bar is not None:
-                bar.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await bar
-        return run.result
+    connections = config.connections or min(config.sessions, MAX_CONNECTIONS)
+    own = dataclasses.replace(options, own_connection=connections > 1)
+    clients = [AsyncClient(target, own) for _ in range(connections)]
+    run = _Run(clients, config)
+    start = time.perf_counter()
+    bar = asyncio.create_task(run.progress(start)) if config.progress else None
+    try:
+        await asyncio.gather(*(run.worker(i) for i in range(config.sessions)))
+    finally:
+        run.result.elapsed_s = time.perf_counter() - start
+        if bar is not None:
+            bar.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await bar
+        for client in clients:
+            await client.close()
+    return run.result
 
 
 def report(result: BenchResult) -> str:

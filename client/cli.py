@@ -258,6 +258,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--duration", type=float, metavar="SECONDS", help="how long to run (default: 10 unless --tokens)"
     )
     p.add_argument("--tokens", type=int, metavar="N", help="stop after N generated tokens in all")
+    p.add_argument(
+        "--connections",
+        type=int,
+        metavar="N",
+        help="connections the sessions are spread over, to reach every front-end process "
+        "(default: one per session, at most 16)",
+    )
     p.add_argument("--prompt", default="", help="text fed before each generation request")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     add_sampling_options(p, max_tokens=64)

@@ -246,6 +246,7 @@ def bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         ignore_eos=args.ignore_eos,
         stream_interval=args.stream_interval,
+        connections=args.connections,
         progress=args.progress,
     )
     result = asyncio.run(run_bench(args.target, options, config))

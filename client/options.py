@@ -60,6 +60,10 @@ class ClientOptions:
     """Seconds to wait for a ping's answer before the connection is deemed dead."""
     retry_attempts: int = 5
     """Attempts (gRPC allows at most 5) of an idempotent call that gets UNAVAILABLE; 1: no retry."""
+    own_connection: bool = False
+    """Open this client's own connection: gRPC otherwise shares one among a process's channels to
+    the same target, and a server with several front-end processes sees one connection (one
+    process) where it could spread many."""
 
     @property
     def secure(self) -> bool:
@@ -93,6 +97,8 @@ class ClientOptions:
             ]
         if self.tls_server_name:
             args.append(("grpc.ssl_target_name_override", self.tls_server_name))
+        if self.own_connection:
+            args.append(("grpc.use_local_subchannel_pool", 1))
         return args
 
 

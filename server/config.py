@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -12,6 +13,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 # One log record holds one session's tokens of one iteration, counted in a uint16 (see
 # server/durability/journal.py), so a prefill chunk is at most this long.
 MAX_TOKENS_PER_RECORD = 0xFFFF
+
+
+def default_frontends() -> int:
+    """Front ends that fit the machine: one core is the engine core's."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
 class ServeSettings(BaseSettings):
@@ -29,6 +35,12 @@ class ServeSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     threads: int = Field(2, ge=1, le=256, description="torch intra-op threads of the step")
+    frontends: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="gRPC front-end processes sharing the port (0: min(4, cores - 1), at least 1)",
+    )
     max_batch_size: int = Field(128, ge=1, le=4096, description="rows in one batched step")
     device_slots: int = Field(1024, ge=1, description="session states held on the device")
     max_sessions: int = Field(4096, ge=1, description="sessions on device and host together")

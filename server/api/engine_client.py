@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from server.config import ServeSettings
 from server.errors import Unavailable
 from server.ipc import messages as m
-from server.ipc.channel import Channel, ChannelClosed
+from server.ipc.channel import MAX_FRAME, Channel, ChannelClosed
 from server.sessions.jobs import Event, GenerateSpec
 from server.sessions.principal import Principal
 
@@ -92,6 +92,7 @@ class EngineClient:
         self.settings = settings
         self.models: list[m.ModelInfo] = []
         self.ready = False
+        self.ready_event = asyncio.Event()
         self.serving = False  # the engine's health: False while its state dir refuses writes
         self.on_health: Callable[[bool], None] = lambda serving: None
         self.lost: asyncio.Future[str] | None = None  # why the engine is gone, when it is
@@ -104,22 +105,32 @@ class EngineClient:
         self._stopped = asyncio.Event()
         self._started: asyncio.Future[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, frontends_socket: str = "") -> None:
         """Spawn the engine core process and wait until it holds its state dir (ValueError if
-        it refuses to start); `ready` comes later, once it has loaded its models."""
+        it refuses to start); `ready` comes later, once it has loaded its models. Other front
+        ends may then connect at `frontends_socket`."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._process = subprocess.Popen(
             [sys.executable, "-m", "server.engine.process", str(os.getpid()), str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
         )
         theirs.close()
-        self._channel = await Channel.connect(ours, m.ToFrontEnd)
-        self._channel.before_flush = self._send_credits
+        await self._open(await Channel.connect(ours, m.ToFrontEnd))
+        self.send(m.Start(self.settings.model_dump_json(), frontends_socket))
+        await self._started
+
+    async def connect(self, path: str) -> None:
+        """Join an engine core another front end started (--frontends K); returns once ready."""
+        reader, writer = await asyncio.open_unix_connection(path, limit=MAX_FRAME)
+        await self._open(Channel(reader, writer, m.ToFrontEnd))
+        await self._started
+
+    async def _open(self, channel: Channel) -> None:
+        self._channel = channel
+        channel.before_flush = self._send_credits
         loop = asyncio.get_running_loop()
         self.lost, self._started = loop.create_future(), loop.create_future()
-        self.send(m.Start(self.settings.model_dump_json()))
         loop.create_task(self._receive_forever(), name="engine-channel")
-        await self._started
 
     def check_ready(self) -> None:
         if not self.ready:
@@ -170,7 +181,8 @@ class EngineClient:
         if not self.lost.done():
             self.send(m.Shutdown())
             await self.lost
-        await asyncio.to_thread(self._process.wait)
+        if self._process is not None:
+            await asyncio.to_thread(self._process.wait)
 
     async def _receive_forever(self) -> None:
         try:
@@ -179,8 +191,11 @@ class EngineClient:
                     self._dispatch(message)
         except ChannelClosed:
             pass
-        code = await asyncio.to_thread(self._process.wait)
-        reason = "stopped" if self._stopped.is_set() else f"exited with code {code}"
+        if self._process is not None:
+            code = await asyncio.to_thread(self._process.wait)
+            reason = "stopped" if self._stopped.is_set() else f"exited with code {code}"
+        else:  # another front end's engine: it stopped, or it died
+            reason = "stopped" if self._stopped.is_set() else "went away"
         self.ready = False
         for future in self._calls.values():
             if not future.done():
@@ -208,6 +223,9 @@ class EngineClient:
                 self._started.set_exception(ValueError(reason))
             case m.Ready(models=models, serving=serving):
                 self.models, self.ready = models, True
+                self.ready_event.set()
+                if not self._started.done():  # a front end that connected: ready is its start
+                    self._started.set_result(None)
                 self._set_health(serving)
             case m.Models(models=models):
                 self.models = models

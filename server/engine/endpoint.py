@@ -176,6 +176,11 @@ class EngineEndpoint:
             return
         s.jobs[message.request_id] = job
 
+    def close_all(self) -> None:
+        """The front end went away: detach every stream it had."""
+        for stream in list(self._streams):
+            self._close(stream)
+
     def _close(self, stream: int) -> None:
         s = self._streams.pop(stream, None)
         if s is not None:

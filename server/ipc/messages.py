@@ -87,9 +87,11 @@ class WireError(Struct, array_like=True):
 
 
 class Start(Message):
-    """The first message: the settings the engine core runs with (ServeSettings as JSON)."""
+    """The first message: the settings the engine core runs with (ServeSettings as JSON), and
+    where the other front ends connect (with --frontends K > 1)."""
 
     settings: str
+    frontends_socket: str = ""
 
 
 class CreateSession(Message):
