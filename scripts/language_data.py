@@ -120,8 +120,30 @@ def build(out: Path) -> dict[str, dict[str, int]]:
     }
 
 
+def rebuild(manifest: Path, split: str) -> list[dict]:
+    """The snippets of `split` again, from the files `manifest` lists; ValueError naming the first
+    file this machine lacks or holds in another version (its sha256 differs)."""
+    roots = {source.name: source.root for source in sources()}
+    rows = []
+    for line in manifest.read_text().splitlines()[1:]:
+        name, digest, label, file_split, _license, _count = line.split("\t")
+        if file_split != split:
+            continue
+        root, _, relative = name.partition("/")
+        path = roots[root] / relative
+        data = path.read_bytes() if path.is_file() else b""
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ValueError(
+                f"{name}: this machine lacks the file the manifest lists, or has another version"
+            )
+        rows += [{"text": piece, "label": label} for piece in snippets(data.decode("utf-8"))]
+    return rows
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("data/language"))
     args = parser.parse_args()
     counts = build(args.out)

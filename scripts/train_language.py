@@ -64,7 +64,10 @@ def baselines(dataset: Dataset) -> dict[str, dict]:
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(linear((x - mean) / std), y) + 1e-4 * linear.weight.square().sum()
+        loss = (
+            torch.nn.functional.cross_entropy(linear((x - mean) / std), y)
+            + 1e-4 * linear.weight.square().sum()
+        )
         loss.backward()
         return loss
 
@@ -80,7 +83,9 @@ def baselines(dataset: Dataset) -> dict[str, dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=ROOT / "data/language")
     parser.add_argument("--out", type=Path, default=ROOT / "models/language.safetensors")
     parser.add_argument("--init", type=Path, default=ROOT / "models/default.safetensors")
@@ -116,7 +121,7 @@ def main() -> int:
     }
 
     print(f"labels {list(dataset.labels)}; held-out snippets {len(dataset.heldout)} of {counts}")
-    print(f"| model | held-out accuracy | macro-F1 | seconds |\n|---|---|---|---|")
+    print("| model | held-out accuracy | macro-F1 | seconds |\n|---|---|---|---|")
     for name, r in results.items():
         seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
         print(f"| {name} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} | {seconds} |")
@@ -124,7 +129,11 @@ def main() -> int:
         "labels": list(dataset.labels),
         "snippets": counts,
         "results": results,
-        "machine": {"cores": torch.get_num_threads(), "python": platform.python_version(), "torch": torch.__version__},
+        "machine": {
+            "cores": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     folder = args.out.with_suffix(".train")
