@@ -49,12 +49,14 @@ proto: setup
 train-default: setup
 	$(BIN)/lstm-serve train --out models/default.safetensors --max-minutes 40
 
-# The pure-Python wheels bench/gpu_check.sh carries to the GPU machine (Python 3.12, no installs
-# there), at the dev venv's versions, plus pytest-xdist to compile the tests' kernels in parallel;
-# dependencies are resolved for that machine.
+# The wheels bench/gpu_check.sh carries to the GPU machine (Python 3.12, no installs there), at the
+# dev venv's versions: the tests' (pytest, pydantic), the server's and client's for the front-end
+# scaling benchmark (grpcio and its siblings, protobuf, msgspec, ...), plus pytest-xdist to
+# compile the tests' kernels in parallel; dependencies are resolved for that machine (torch and
+# numpy are the machine's own).
 gpu-wheels: setup
 	$(BIN)/pip download -q -d .whl --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-		$$($(BIN)/pip freeze | grep -iE '^(pydantic|pydantic[-_]core|pytest|msgspec)==') pytest-xdist==3.8.0
+		$$($(BIN)/pip freeze | grep -iE '^(pydantic|pydantic[-_]core|pydantic[-_]settings|pytest|msgspec|grpcio|grpcio[-_]health[-_]checking|grpcio[-_]reflection|protobuf|prometheus[-_]client|safetensors|pyyaml|tqdm)==') pytest-xdist==3.8.0
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -236,7 +236,20 @@ def main() -> None:
         help="tokens per message (the transport limit (b) is then per message: a*N*b/(a+N*b) is the bound)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_bench.json")
+    parser.add_argument(
+        "--frontends",
+        nargs="+",
+        type=int,
+        help="instead: how the synthetic backend scales with K front ends (bench/frontends_bench.py)",
+    )
     args = parser.parse_args()
+    if args.frontends:
+        import frontends_bench
+
+        frontends_bench.run(
+            args.frontends, max(args.sessions), args.duration, ROOT / "bench/results/frontends_bench.json"
+        )
+        return
     report = {"machine": machine(), "settings": vars(args) | {"out": str(args.out)}, "models": {}}
     print("machine:", json.dumps(report["machine"]), file=sys.stderr)
 
