@@ -96,8 +96,8 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> i
     port, held = claim_port(settings.host, settings.port, shared=count > 1)
     metrics = Metrics(METHODS)
     engine = EngineClient(settings)
-    workdir = tempfile.TemporaryDirectory(prefix="lstm-serve-")  # the engine core's socket for the others
-    engine_socket = os.path.join(workdir.name, "engine.sock") if count > 1 else ""
+    workdir = tempfile.TemporaryDirectory(prefix="lstm-serve-") if count > 1 else None
+    engine_socket = os.path.join(workdir.name, "engine.sock") if workdir else ""  # where the others join
     await engine.start(engine_socket)  # the engine core holds the state dir (or the start is refused)
     server, health_servicer = grpc_server(settings, engine, metrics, port, shared=count > 1)
     engine.on_health = lambda serving: loop.create_task(set_health(health_servicer, serving))
@@ -135,6 +135,7 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> i
     await others.wait(settings.grace_period + 5)
     if held is not None:
         held.close()
-    workdir.cleanup()
+    if workdir is not None:
+        workdir.cleanup()
     log.info("stopped")
     return 0
