@@ -20,6 +20,7 @@ from client.messages import (
     generate_request,
     make_duration,
     make_input,
+    new_session_id,
 )
 from client.options import DEFAULT_TARGET, ClientOptions, open_channel
 from client.token_stream import AsyncTokenStream
@@ -40,9 +41,11 @@ class AsyncClient:
         self.stub = LstmServeServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    async def _call(self, method: Callable[..., Awaitable[R]], request: Any) -> R:
+    async def _call(self, method: Callable[..., Awaitable[R]], request: Any, session_id: str = "") -> R:
         try:
-            return await method(request, metadata=self.options.metadata(), timeout=self.options.timeout)
+            return await method(
+                request, metadata=self.options.metadata(session_id), timeout=self.options.timeout
+            )
         except grpc.RpcError as e:
             raise StatusError.from_rpc(e) from e
 
@@ -58,58 +61,76 @@ class AsyncClient:
         seed: int | None = None,
         ttl: float | None = None,
         keep: bool = False,
+        session_id: str | None = None,
     ) -> AsyncSession:
-        """A new session (position 1). `ttl` in seconds; `keep`: `AsyncSession.close()` leaves it."""
+        """A new session (position 1). `ttl` in seconds; `keep`: `AsyncSession.close()` leaves it.
+        Its id is chosen here (or given as `session_id`), so a router sends its creation where
+        its later calls go."""
+        chosen = session_id or new_session_id()
         request = pb.CreateSessionRequest(
-            model=model, model_version=model_version, seed=seed, ttl=make_duration(ttl)
+            model=model, model_version=model_version, seed=seed, ttl=make_duration(ttl), session_id=chosen
         )
-        return AsyncSession(self, (await self._call(self.stub.CreateSession, request)).session, keep=keep)
+        return AsyncSession(
+            self, (await self._call(self.stub.CreateSession, request, chosen)).session, keep=keep
+        )
 
     def session(self, session_id: str, *, keep: bool = True) -> AsyncSession:
         """A handle on an existing session (no call is made until it is used)."""
         return AsyncSession(self, session_id, keep=keep)
 
     async def get_session(self, session_id: str) -> SessionInfo:
-        return (await self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id))).session
+        return (
+            await self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id), session_id)
+        ).session
 
     async def session_tokens(self, session_id: str, after: int) -> list[int]:
         """The tokens the session absorbed after position `after` (the server keeps its last
         8192; OUT_OF_RANGE beyond)."""
         request = pb.GetSessionRequest(session_id=session_id, tokens_after=after)
-        return list((await self._call(self.stub.GetSession, request)).tokens)
+        return list((await self._call(self.stub.GetSession, request, session_id)).tokens)
 
     async def list_sessions(self) -> list[SessionInfo]:
         """The caller's sessions."""
         return list((await self._call(self.stub.ListSessions, pb.ListSessionsRequest())).sessions)
 
     async def delete_session(self, session_id: str) -> None:
-        await self._call(self.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))
+        await self._call(self.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id), session_id)
 
     async def reset_session(self, session_id: str) -> SessionInfo:
         """Back to the state of a new session (position 1), same seed."""
         return (
-            await self._call(self.stub.ResetSession, pb.ResetSessionRequest(session_id=session_id))
+            await self._call(
+                self.stub.ResetSession, pb.ResetSessionRequest(session_id=session_id), session_id
+            )
         ).session
 
     async def fork_session(
         self, session_id: str, *, seed: int | None = None, ttl: float | None = None, keep: bool = False
     ) -> AsyncSession:
         """A new session with a copy of the state (and the seed, unless given)."""
-        request = pb.ForkSessionRequest(session_id=session_id, seed=seed, ttl=make_duration(ttl))
-        return AsyncSession(self, (await self._call(self.stub.ForkSession, request)).session, keep=keep)
+        request = pb.ForkSessionRequest(
+            session_id=session_id, seed=seed, ttl=make_duration(ttl), new_session_id=new_session_id()
+        )
+        return AsyncSession(
+            self, (await self._call(self.stub.ForkSession, request, session_id)).session, keep=keep
+        )
 
     async def export_session(self, session_id: str) -> bytes:
         """The session as a self-checking blob."""
         return (
-            await self._call(self.stub.ExportSession, pb.ExportSessionRequest(session_id=session_id))
+            await self._call(
+                self.stub.ExportSession, pb.ExportSessionRequest(session_id=session_id), session_id
+            )
         ).blob
 
     async def import_session(
         self, blob: bytes, *, ttl: float | None = None, keep: bool = False
     ) -> AsyncSession:
         """A new session from an exported blob."""
-        request = pb.ImportSessionRequest(blob=blob, ttl=make_duration(ttl))
-        return AsyncSession(self, (await self._call(self.stub.ImportSession, request)).session, keep=keep)
+        request = pb.ImportSessionRequest(blob=blob, ttl=make_duration(ttl), session_id=new_session_id())
+        return AsyncSession(
+            self, (await self._call(self.stub.ImportSession, request, request.session_id)).session, keep=keep
+        )
 
     async def classify(self, text: Prompt, *, model: str, model_version: str = "") -> Classification:
         """Each of `model`'s classification heads on `text` (a temporary session absorbs it and
@@ -157,7 +178,7 @@ class AsyncClient:
             stream_interval=stream_interval,
         )
         call = self.stub.Generate(
-            request, metadata=self.options.metadata(), timeout=self.options.stream_timeout
+            request, metadata=self.options.metadata(session_id), timeout=self.options.stream_timeout
         )
 
         async def cancel() -> None:
@@ -165,9 +186,12 @@ class AsyncClient:
 
         return AsyncTokenStream(aiter(call), cancel, session_id)
 
-    def stream(self) -> grpc.aio.StreamStreamCall:
-        """The raw Stream call (bidirectional, written with `write()`), as `AsyncSession` drives it."""
-        return self.stub.Stream(metadata=self.options.metadata(), timeout=self.options.stream_timeout)
+    def stream(self, session_id: str = "") -> grpc.aio.StreamStreamCall:
+        """The raw Stream call on `session_id` (bidirectional, written with `write()`), as
+        `AsyncSession` drives it."""
+        return self.stub.Stream(
+            metadata=self.options.metadata(session_id), timeout=self.options.stream_timeout
+        )
 
     async def health(self, service: str = "") -> str:
         """The serving status of `service` ("" is the whole server): "SERVING", "NOT_SERVING", ..."""

@@ -158,7 +158,7 @@ class AsyncSession(SessionHandle):
 
     async def _open(self, takeover: bool) -> SessionInfo:
         await self.detach()
-        attachment = _AsyncAttachment(self.client.stream(), self._history)
+        attachment = _AsyncAttachment(self.client.stream(self.id), self._history)
         self.info = await attachment.open(self.id, takeover)
         self._attachment = attachment
         return self.info

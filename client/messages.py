@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Sequence
 
 from google.protobuf.duration_pb2 import Duration
@@ -23,6 +24,11 @@ def label_probabilities(classification: Classification) -> dict[str, dict[str, f
 
 Prompt = str | Sequence[int]
 """Text (sent as UTF-8 bytes, one token each) or token ids."""
+
+
+def new_session_id() -> str:
+    """A session id chosen by the client: 128 random bits, as the server draws them."""
+    return secrets.token_hex(16)
 
 
 def make_input(prompt: Prompt) -> pb.Input:

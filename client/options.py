@@ -69,9 +69,11 @@ class ClientOptions:
     def secure(self) -> bool:
         return self.tls or self.ca_cert is not None or self.client_cert is not None
 
-    def metadata(self) -> tuple[tuple[str, str], ...]:
-        """The metadata every call carries."""
-        return (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+    def metadata(self, session_id: str = "") -> tuple[tuple[str, str], ...]:
+        """The metadata every call carries, and `x-session-id` for a call about one session (a
+        router hashes it to keep the session on one replica)."""
+        found = (("authorization", f"Bearer {self.api_key}"),) if self.api_key else ()
+        return (*found, ("x-session-id", session_id)) if session_id else found
 
     def credentials(self) -> grpc.ChannelCredentials:
         """TLS channel credentials (only for a secure channel)."""

@@ -148,7 +148,9 @@ class Session(SessionHandle):
 
     def _open(self, takeover: bool) -> SessionInfo:
         self.detach()
-        self._attachment = _Attachment(self.client.stream, self.id, takeover, self._history)
+        self._attachment = _Attachment(
+            lambda requests: self.client.stream(requests, self.id), self.id, takeover, self._history
+        )
         self.info = self._attachment.opened
         return self.info
 

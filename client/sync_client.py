@@ -19,6 +19,7 @@ from client.messages import (
     generate_request,
     make_duration,
     make_input,
+    new_session_id,
 )
 from client.options import DEFAULT_TARGET, ClientOptions, open_channel
 from client.session import Session
@@ -40,9 +41,9 @@ class Client:
         self.stub = LstmServeServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
 
-    def _call(self, method: Callable[..., R], request: Any) -> R:
+    def _call(self, method: Callable[..., R], request: Any, session_id: str = "") -> R:
         try:
-            return method(request, metadata=self.options.metadata(), timeout=self.options.timeout)
+            return method(request, metadata=self.options.metadata(session_id), timeout=self.options.timeout)
         except grpc.RpcError as e:
             raise StatusError.from_rpc(e) from e
 
@@ -58,52 +59,66 @@ class Client:
         seed: int | None = None,
         ttl: float | None = None,
         keep: bool = False,
+        session_id: str | None = None,
     ) -> Session:
-        """A new session (position 1). `ttl` in seconds; `keep`: `Session.close()` leaves it."""
+        """A new session (position 1). `ttl` in seconds; `keep`: `Session.close()` leaves it.
+        Its id is chosen here (or given as `session_id`), so a router sends its creation where
+        its later calls go."""
+        chosen = session_id or new_session_id()
         request = pb.CreateSessionRequest(
-            model=model, model_version=model_version, seed=seed, ttl=make_duration(ttl)
+            model=model, model_version=model_version, seed=seed, ttl=make_duration(ttl), session_id=chosen
         )
-        return Session(self, self._call(self.stub.CreateSession, request).session, keep=keep)
+        return Session(self, self._call(self.stub.CreateSession, request, chosen).session, keep=keep)
 
     def session(self, session_id: str, *, keep: bool = True) -> Session:
         """A handle on an existing session (no call is made until it is used)."""
         return Session(self, session_id, keep=keep)
 
     def get_session(self, session_id: str) -> SessionInfo:
-        return self._call(self.stub.GetSession, pb.GetSessionRequest(session_id=session_id)).session
+        return self._call(
+            self.stub.GetSession, pb.GetSessionRequest(session_id=session_id), session_id
+        ).session
 
     def session_tokens(self, session_id: str, after: int) -> list[int]:
         """The tokens the session absorbed after position `after` (the server keeps its last
         8192; OUT_OF_RANGE beyond)."""
         request = pb.GetSessionRequest(session_id=session_id, tokens_after=after)
-        return list(self._call(self.stub.GetSession, request).tokens)
+        return list(self._call(self.stub.GetSession, request, session_id).tokens)
 
     def list_sessions(self) -> list[SessionInfo]:
         """The caller's sessions."""
         return list(self._call(self.stub.ListSessions, pb.ListSessionsRequest()).sessions)
 
     def delete_session(self, session_id: str) -> None:
-        self._call(self.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id))
+        self._call(self.stub.DeleteSession, pb.DeleteSessionRequest(session_id=session_id), session_id)
 
     def reset_session(self, session_id: str) -> SessionInfo:
         """Back to the state of a new session (position 1), same seed."""
-        return self._call(self.stub.ResetSession, pb.ResetSessionRequest(session_id=session_id)).session
+        return self._call(
+            self.stub.ResetSession, pb.ResetSessionRequest(session_id=session_id), session_id
+        ).session
 
     def fork_session(
         self, session_id: str, *, seed: int | None = None, ttl: float | None = None, keep: bool = False
     ) -> Session:
         """A new session with a copy of the state (and the seed, unless given)."""
-        request = pb.ForkSessionRequest(session_id=session_id, seed=seed, ttl=make_duration(ttl))
-        return Session(self, self._call(self.stub.ForkSession, request).session, keep=keep)
+        request = pb.ForkSessionRequest(
+            session_id=session_id, seed=seed, ttl=make_duration(ttl), new_session_id=new_session_id()
+        )
+        return Session(self, self._call(self.stub.ForkSession, request, session_id).session, keep=keep)
 
     def export_session(self, session_id: str) -> bytes:
         """The session as a self-checking blob."""
-        return self._call(self.stub.ExportSession, pb.ExportSessionRequest(session_id=session_id)).blob
+        return self._call(
+            self.stub.ExportSession, pb.ExportSessionRequest(session_id=session_id), session_id
+        ).blob
 
     def import_session(self, blob: bytes, *, ttl: float | None = None, keep: bool = False) -> Session:
         """A new session from an exported blob."""
-        request = pb.ImportSessionRequest(blob=blob, ttl=make_duration(ttl))
-        return Session(self, self._call(self.stub.ImportSession, request).session, keep=keep)
+        request = pb.ImportSessionRequest(blob=blob, ttl=make_duration(ttl), session_id=new_session_id())
+        return Session(
+            self, self._call(self.stub.ImportSession, request, request.session_id).session, keep=keep
+        )
 
     def classify(self, text: Prompt, *, model: str, model_version: str = "") -> Classification:
         """Each of `model`'s classification heads on `text` (a temporary session absorbs it and
@@ -151,14 +166,14 @@ class Client:
             stream_interval=stream_interval,
         )
         call = self.stub.Generate(
-            request, metadata=self.options.metadata(), timeout=self.options.stream_timeout
+            request, metadata=self.options.metadata(session_id), timeout=self.options.stream_timeout
         )
         return TokenStream(call, call.cancel, session_id)
 
-    def stream(self, requests: Iterator[pb.StreamRequest]) -> Any:
-        """The raw Stream call (bidirectional), as `Session` drives it."""
+    def stream(self, requests: Iterator[pb.StreamRequest], session_id: str = "") -> Any:
+        """The raw Stream call (bidirectional) on `session_id`, as `Session` drives it."""
         return self.stub.Stream(
-            requests, metadata=self.options.metadata(), timeout=self.options.stream_timeout
+            requests, metadata=self.options.metadata(session_id), timeout=self.options.stream_timeout
         )
 
     def health(self, service: str = "") -> str:

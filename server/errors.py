@@ -17,6 +17,10 @@ class NotFound(ServeError):
     code = "NOT_FOUND"
 
 
+class AlreadyExists(ServeError):
+    code = "ALREADY_EXISTS"
+
+
 class FailedPrecondition(ServeError):
     code = "FAILED_PRECONDITION"
 

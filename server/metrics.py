@@ -16,15 +16,18 @@ from __future__ import annotations
 
 import os
 import platform
+import threading
+from collections.abc import Callable
+from http.server import ThreadingHTTPServer
 
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
+    MetricsHandler,
     disable_created_metrics,
     multiprocess,
-    start_http_server,
 )
 
 PREFIX = "lstm_serve_"
@@ -240,14 +243,34 @@ class Metrics:
         self.state_memory.labels("device").set(device_bytes)
         self.state_memory.labels("host").set(host_bytes)
 
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics over HTTP, every process's values merged in multiprocess mode;
+    def serve(self, host: str, port: int, serving: Callable[[], bool] = lambda: True) -> int:
+        """Serve /metrics over HTTP, every process's values merged in multiprocess mode, and
+        /healthz: 200 while `serving()`, else 503 (gRPC health's SERVING and NOT_SERVING, for
+        routers that cannot send a gRPC health check, e.g. HAProxy's `option httpchk`);
         returns the bound port (port 0 picks a free one)."""
         registry = self.registry
         if MULTIPROCESS_DIR in os.environ:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)
-        server, _ = start_http_server(port, addr=host, registry=registry)
+
+        class Handler(MetricsHandler.factory(registry)):
+            def do_GET(self) -> None:
+                if self.path.split("?", 1)[0] != "/healthz":
+                    return super().do_GET()
+                up = serving()
+                body = b"SERVING\n" if up else b"NOT_SERVING\n"
+                self.send_response(200 if up else 503)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args) -> None:  # no line per scrape or check
+                pass
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
         return server.server_port
 
 

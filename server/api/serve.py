@@ -102,7 +102,12 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> i
     server, health_servicer = grpc_server(settings, engine, metrics, port, shared=count > 1)
     engine.on_health = lambda serving: loop.create_task(set_health(health_servicer, serving))
     await set_health(health_servicer, engine.ready and engine.serving)
-    metrics_port = metrics.serve(settings.host, settings.metrics_port)
+    draining = asyncio.Event()  # set at SIGTERM: /healthz says NOT_SERVING from then on
+    metrics_port = metrics.serve(
+        settings.host,
+        settings.metrics_port,
+        lambda: engine.ready and engine.serving and not draining.is_set(),
+    )
     await server.start()
     others = FrontEnds(count - 1, settings, engine_socket, port)
     print(
@@ -120,6 +125,7 @@ async def serve(settings: ServeSettings, stop: asyncio.Event | None = None) -> i
     stopping = loop.create_task(stop.wait())
     await asyncio.wait([stopping, engine.lost], return_when=asyncio.FIRST_COMPLETED)
     engine.on_health = lambda serving: None  # a recovering state dir must not report SERVING now
+    draining.set()
     others.terminate()  # they go NOT_SERVING too, and end with the engine core
     await set_health(health_servicer, False)
     if engine.lost.done():

@@ -32,6 +32,17 @@ METHODS = [m.name for m in SERVICE.methods]
 PROMPT_METHODS = ("Generate", "Stream")
 # characters of a status message; grpc drops longer headers (the client would see RESOURCE_EXHAUSTED)
 MAX_DETAILS = 500
+# the request field naming the session a call is about, to match the route metadata
+ROUTED = {
+    "CreateSession": "session_id",  # the id chosen for it
+    "GetSession": "session_id",
+    "DeleteSession": "session_id",
+    "ResetSession": "session_id",
+    "ForkSession": "session_id",  # routed by the source: the fork is made where it is
+    "ExportSession": "session_id",
+    "ImportSession": "session_id",
+    "Generate": "session_id",
+}
 
 
 def principal_of(engine: EngineClient, auth: Authenticator, context: grpc.aio.ServicerContext) -> Principal:
@@ -39,6 +50,11 @@ def principal_of(engine: EngineClient, auth: Authenticator, context: grpc.aio.Se
     engine.check_ready()
     metadata = dict(context.invocation_metadata() or ())
     return auth.authenticate(metadata.get("authorization"))
+
+
+def route_of(context: grpc.aio.ServicerContext) -> str | None:
+    """The `x-session-id` metadata a router hashed, if the caller sent it."""
+    return dict(context.invocation_metadata() or ()).get(translate.ROUTE_KEY)
 
 
 async def abort(context: grpc.aio.ServicerContext, method: str, error: Exception) -> None:
@@ -59,7 +75,10 @@ def unary(method: Callable) -> Callable:
     @functools.wraps(method)
     async def handler(self: LstmServeServicer, request, context):
         async with self._rpc(method.__name__, context, streaming=False) as principal:
-            return await method(self, translate.parsed(request), principal)
+            request = translate.parsed(request)
+            if method.__name__ in ROUTED:
+                translate.check_route(route_of(context), getattr(request, ROUTED[method.__name__]))
+            return await method(self, request, principal)
 
     return handler
 
@@ -70,7 +89,10 @@ def streaming(method: Callable) -> Callable:
     @functools.wraps(method)
     async def handler(self: LstmServeServicer, request, context):
         async with self._rpc(method.__name__, context, streaming=True) as principal:
-            async for response in method(self, translate.parsed(request), principal):
+            request = translate.parsed(request)
+            if method.__name__ in ROUTED:  # Generate; Stream checks its `open`
+                translate.check_route(route_of(context), getattr(request, ROUTED[method.__name__]))
+            async for response in method(self, request, principal, route_of(context)):
                 yield response
 
     return handler
@@ -154,7 +176,9 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
     async def CreateSession(self, request, principal):
         seed, ttl = translate.optional_seed(request), translate.ttl_seconds(request)
         reply = await self.engine.call(
-            lambda c: m.CreateSession(c, principal, request.model, request.model_version, seed, ttl)
+            lambda c: m.CreateSession(
+                c, principal, request.model, request.model_version, seed, ttl, session_id=request.session_id
+            )
         )
         return pb.CreateSessionResponse(session=translate.session_message(reply.session))
 
@@ -182,7 +206,9 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
     @unary
     async def ForkSession(self, request, principal):
         seed, ttl = translate.optional_seed(request), translate.ttl_seconds(request)
-        reply = await self.engine.call(lambda c: m.ForkSession(c, principal, request.session_id, seed, ttl))
+        reply = await self.engine.call(
+            lambda c: m.ForkSession(c, principal, request.session_id, seed, ttl, request.new_session_id)
+        )
         return pb.ForkSessionResponse(session=translate.session_message(reply.session))
 
     @unary
@@ -193,7 +219,9 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
     @unary
     async def ImportSession(self, request, principal):
         ttl = translate.ttl_seconds(request)
-        reply = await self.engine.call(lambda c: m.ImportSession(c, principal, request.blob, ttl))
+        reply = await self.engine.call(
+            lambda c: m.ImportSession(c, principal, request.blob, ttl, request.session_id)
+        )
         return pb.ImportSessionResponse(session=translate.session_message(reply.session))
 
     @unary
@@ -205,7 +233,7 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
         return pb.ClassifyResponse(classification=translate.classification(answer))
 
     @streaming
-    async def Generate(self, request, principal) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(self, request, principal, route) -> AsyncIterator[pb.GenerateResponse]:
         call = translate.generate_call(request, self.settings, principal)
         async for event in run_generate(self.engine, principal, call):
             if isinstance(event, Opened):
@@ -215,8 +243,8 @@ class LstmServeServicer(pb_grpc.LstmServeServiceServicer):
             yield translate.generate_response(session, event)
 
     @streaming
-    async def Stream(self, requests, principal) -> AsyncIterator[pb.StreamResponse]:
-        commands = translate.stream_commands(requests, self.settings, principal)
+    async def Stream(self, requests, principal, route) -> AsyncIterator[pb.StreamResponse]:
+        commands = translate.stream_commands(requests, self.settings, principal, route)
         model = ""
         async for event in run_stream(self.engine, principal, commands):
             if isinstance(event, Opened):

@@ -40,6 +40,7 @@ from server.sessions.jobs import (
 )
 from server.sessions.principal import Principal
 
+ROUTE_KEY = "x-session-id"  # a router's hash key: the session a call is about (see the proto)
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_TOP_LOGPROBS = 20
@@ -209,12 +210,30 @@ def classify_call(request: pb.ClassifyRequest, settings: ServeSettings) -> Class
     return ClassifyCall(request.model, request.model_version, tokens)
 
 
+def check_route(route: str | None, session_id: str) -> None:
+    """INVALID_ARGUMENT when the routed session is not the one the request is about: a router
+    would have sent the call to the wrong replica."""
+    if route is not None and route != session_id:
+        raise InvalidArgument(
+            f"{ROUTE_KEY} metadata {route[:40]!r} does not name the session this request is about "
+            f"({session_id[:40]!r}): send the same id in both"
+        )
+
+
 def stream_commands(
-    requests: AsyncIterator[pb.StreamRequest], settings: ServeSettings, principal: Principal
+    requests: AsyncIterator[pb.StreamRequest],
+    settings: ServeSettings,
+    principal: Principal,
+    route: str | None,
 ) -> AsyncIterator[Command]:
+    """The stream's commands; its `open` must name the routed session, if any."""
+
     async def commands() -> AsyncIterator[Command]:
         async for request in requests:
-            yield stream_command(request, settings, principal)
+            command = stream_command(request, settings, principal)
+            if isinstance(command, Open):
+                check_route(route, command.session_id)
+            yield command
 
     return commands()
 

@@ -177,10 +177,12 @@ class Engine:
         seed: int | None,
         ttl: float | None,
         durable: bool = True,
+        session_id: str = "",
     ) -> Session:
-        """A new session that has absorbed <bos> (a temporary one, not `durable`, is never written)."""
+        """A new session that has absorbed <bos> (a temporary one, not `durable`, is never written),
+        under `session_id` if the client chose one."""
         runtime = self.registry.get(model, version)
-        session = self._register(principal, runtime, seed, ttl)
+        session = self._register(principal, runtime, seed, ttl, session_id)
         session.durable = durable
         await self._or_rolled_back(
             session, self.run_quietly(session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
@@ -194,12 +196,12 @@ class Engine:
         return session
 
     async def fork_session(
-        self, principal: Principal, session_id: str, seed: int | None, ttl: float | None
+        self, principal: Principal, session_id: str, seed: int | None, ttl: float | None, new_id: str = ""
     ) -> Session:
         parent = self.get_session(principal, session_id)
         await self._settled(parent, "fork")
         runtime = self.runtime(parent)
-        child = self._register(principal, runtime, parent.seed if seed is None else seed, ttl)
+        child = self._register(principal, runtime, parent.seed if seed is None else seed, ttl, new_id)
         child.position = child.state_position = parent.position
         child.logits, child.history = parent.logits.copy(), list(parent.history)
         parent.touch()
@@ -225,7 +227,9 @@ class Engine:
         )
         return packed, session
 
-    async def import_session(self, principal: Principal, data: bytes, ttl: float | None) -> Session:
+    async def import_session(
+        self, principal: Principal, data: bytes, ttl: float | None, session_id: str = ""
+    ) -> Session:
         exported = blob.unpack(data)
         runtime = self.registry.by_fingerprint(exported.fingerprint)
         if runtime is None:
@@ -238,7 +242,7 @@ class Engine:
             )
         if not np.isfinite(exported.logits).all():
             raise InvalidArgument("the blob's logits hold non-finite values")
-        session = self._register(principal, runtime, exported.seed, ttl)
+        session = self._register(principal, runtime, exported.seed, ttl, session_id)
         session.position = session.state_position = exported.position
         session.logits = exported.logits
         try:
@@ -351,11 +355,16 @@ class Engine:
     # ---- internals -----------------------------------------------------------------------
 
     def _register(
-        self, principal: Principal, runtime: ModelRuntime, seed: int | None, ttl: float | None
+        self,
+        principal: Principal,
+        runtime: ModelRuntime,
+        seed: int | None,
+        ttl: float | None,
+        session_id: str = "",
     ) -> Session:
         try:
             session = self.store.new(
-                principal.name, runtime.name, runtime.version, seed, ttl, principal.max_sessions
+                principal.name, runtime.name, runtime.version, seed, ttl, principal.max_sessions, session_id
             )
         except ResourceExhausted as e:
             self.metrics.sessions_rejected.labels(e.reason).inc()

@@ -215,7 +215,13 @@ class EngineEndpoint:
         match message:
             case m.CreateSession():
                 session = await engine.create_session(
-                    p, message.model, message.version, message.seed, message.ttl, message.durable
+                    p,
+                    message.model,
+                    message.version,
+                    message.seed,
+                    message.ttl,
+                    message.durable,
+                    message.session_id,
                 )
             case m.GetSession(session_id=session_id, tokens_after=after):
                 session = engine.get_session(p, session_id)
@@ -229,12 +235,14 @@ class EngineEndpoint:
             case m.ResetSession(session_id=session_id):
                 session = await engine.reset_session(p, session_id)
             case m.ForkSession(session_id=session_id):
-                session = await engine.fork_session(p, session_id, message.seed, message.ttl)
+                session = await engine.fork_session(
+                    p, session_id, message.seed, message.ttl, message.new_session_id
+                )
             case m.ExportSession(session_id=session_id):
                 blob, session = await engine.export_session(p, session_id)
                 return m.Reply(message.call, session_info(session), blob=blob)
             case m.ImportSession():
-                session = await engine.import_session(p, message.blob, message.ttl)
+                session = await engine.import_session(p, message.blob, message.ttl, message.session_id)
             case _:
                 raise TypeError(f"not a session operation: {type(message).__name__}")
         return m.Reply(message.call, session_info(session))

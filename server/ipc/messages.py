@@ -102,6 +102,7 @@ class CreateSession(Message):
     seed: int | None
     ttl: float | None
     durable: bool = True  # False: a Generate call's temporary session
+    session_id: str = ""  # chosen by the client
 
 
 class GetSession(Message):
@@ -134,6 +135,7 @@ class ForkSession(Message):
     session_id: str
     seed: int | None
     ttl: float | None
+    new_session_id: str = ""  # chosen by the client
 
 
 class ExportSession(Message):
@@ -147,6 +149,7 @@ class ImportSession(Message):
     principal: Principal
     blob: bytes
     ttl: float | None
+    session_id: str = ""  # chosen by the client
 
 
 class EndTemporary(Message):

@@ -18,6 +18,7 @@ import numpy as np
 
 from server.errors import (
     Aborted,
+    AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -133,8 +134,17 @@ class SessionStore:
         seed: int | None,
         ttl: float | None,
         owner_limit: int | None,
+        session_id: str = "",
     ) -> Session:
-        """Register a new session (its state is set up by the caller)."""
+        """Register a new session (its state is set up by the caller) under `session_id`, chosen
+        by the client, or a random one."""
+        if session_id:
+            if not ID_PATTERN.fullmatch(session_id):
+                raise InvalidArgument(
+                    f"a chosen session id must be 32 lowercase hex characters, got {session_id[:40]!r}"
+                )
+            if session_id in self._sessions:
+                raise AlreadyExists(f"session {session_id} already exists: choose another id")
         if len(self._sessions) >= self.max_sessions:
             raise ResourceExhausted(
                 f"the server holds its maximum of {self.max_sessions} sessions; delete idle ones or retry later",
@@ -147,7 +157,8 @@ class SessionStore:
             )
         now = time.time()
         seed = secrets.randbits(64) if seed is None else seed
-        session = Session(secrets.token_hex(16), owner, model, version, seed, self.ttl(ttl), now, now)
+        session_id = session_id or secrets.token_hex(16)
+        session = Session(session_id, owner, model, version, seed, self.ttl(ttl), now, now)
         session.touch(now)
         self._sessions[session.id] = session
         return session
