@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from client import retry
 from client.errors import LstmServeError, SessionClosedError, StatusError
 from client.handle import SessionHandle
 from client.history import REFEED_CHUNK, ResumeResult, TokenHistory
@@ -169,15 +170,25 @@ class AsyncSession(SessionHandle):
         self._history.attached(info)
         return info
 
-    async def resume(self, client: AsyncClient | None = None) -> ResumeResult:
+    async def resume(self, client: AsyncClient | None = None, *, deadline: float = 30.0) -> ResumeResult:
         """Re-attach (taking over) after a disconnect or a server restart, and reconcile
-        (see `Session.resume`): re-feed what the server lacks, report what it absorbed unseen."""
+        (see `Session.resume`): re-feed what the server lacks, report what it absorbed unseen;
+        retried with jittered backoff for up to `deadline` seconds while the server is away."""
         if client is not None:
             self.client = client
         if self._attachment is not None:  # what it has not read yet counts as missed
             await self._attachment.abandon()
             self._attachment = None
-        info = await self._open(takeover=True)
+        waits = retry.delays(deadline)
+        while True:
+            try:
+                info = await self._open(takeover=True)
+                break
+            except StatusError as e:
+                wait = next(waits, None)
+                if not retry.retriable(e) or wait is None:
+                    raise
+                await asyncio.sleep(wait)
         refeed, fetch_after = self._history.reconcile(self.id, info)
         for i in range(0, len(refeed), REFEED_CHUNK):
             await self.feed(refeed[i : i + REFEED_CHUNK])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import grpc
 
+STATUS_MARK = "lstm-serve-status"  # trailing metadata on every status the server itself sends
+
 
 class LstmServeError(Exception):
     """Base class of the client's errors."""
@@ -12,17 +14,21 @@ class LstmServeError(Exception):
 class StatusError(LstmServeError):
     """An RPC ended with a non-OK gRPC status."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, from_server: bool = False) -> None:
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+        self.from_server = from_server
+        """The status carries lstm-serve's mark: the server sent it, not a proxy or the transport."""
 
     @classmethod
     def from_rpc(cls, error: grpc.RpcError) -> StatusError:
         """Wrap a grpc error (a sync `grpc.Call` or a `grpc.aio.AioRpcError`)."""
         code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
         details = error.details() if hasattr(error, "details") else str(error)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+        trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+        marked = any(key == STATUS_MARK for key, _ in trailing or ())
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", marked)
 
     @property
     def words(self) -> str:

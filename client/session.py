@@ -5,12 +5,14 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
 
+from client import retry
 from client.errors import LstmServeError, SessionClosedError, StatusError
 from client.handle import SessionHandle
 from client.history import REFEED_CHUNK, ResumeResult, TokenHistory
@@ -160,8 +162,10 @@ class Session(SessionHandle):
         self._history.attached(info)
         return info
 
-    def resume(self, client: Client | None = None) -> ResumeResult:
+    def resume(self, client: Client | None = None, *, deadline: float = 30.0) -> ResumeResult:
         """Re-attach (taking over) after a disconnect or a server restart, and reconcile.
+        While the server is unreachable (or a proxy reports its replica gone), it tries again
+        with jittered backoff for up to `deadline` seconds (client/retry.py).
 
         A server that came back behind this handle gets the tokens it lacks fed again
         (`refed`); one that came back ahead had absorbed tokens this handle never received
@@ -175,7 +179,16 @@ class Session(SessionHandle):
         if self._attachment is not None:  # what it has not read yet counts as missed
             self._attachment.abandon()
             self._attachment = None
-        info = self._open(takeover=True)
+        waits = retry.delays(deadline)
+        while True:
+            try:
+                info = self._open(takeover=True)
+                break
+            except StatusError as e:
+                wait = next(waits, None)
+                if not retry.retriable(e) or wait is None:
+                    raise
+                time.sleep(wait)
         refeed, fetch_after = self._history.reconcile(self.id, info)
         for i in range(0, len(refeed), REFEED_CHUNK):
             self.feed(refeed[i : i + REFEED_CHUNK])

@@ -32,6 +32,9 @@ METHODS = [m.name for m in SERVICE.methods]
 PROMPT_METHODS = ("Generate", "Stream")
 # characters of a status message; grpc drops longer headers (the client would see RESOURCE_EXHAUSTED)
 MAX_DETAILS = 500
+# trailing metadata on every status this server sends: a client can tell it from one a proxy
+# made up when a replica vanished (HAProxy answers INTERNAL or CANCELLED then), and retry only those
+STATUS_MARK = (("lstm-serve-status", "1"),)
 # the request field naming the session a call is about, to match the route metadata
 ROUTED = {
     "CreateSession": "session_id",  # the id chosen for it
@@ -64,9 +67,14 @@ async def abort(context: grpc.aio.ServicerContext, method: str, error: Exception
         await context.abort(
             getattr(grpc.StatusCode, error.code),
             message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS] + "…",
+            trailing_metadata=STATUS_MARK,
         )
     log.error("unexpected error in %s", method, exc_info=error)
-    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; the server log has details")
+    await context.abort(
+        grpc.StatusCode.INTERNAL,
+        f"internal error in {method}; the server log has details",
+        trailing_metadata=STATUS_MARK,
+    )
 
 
 def unary(method: Callable) -> Callable:
