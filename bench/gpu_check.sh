@@ -27,8 +27,8 @@ timeout $((200 - (SECONDS - start))) python3 bench/kernel_bench.py --out "$out/k
 bench=${PIPESTATUS[0]}
 echo "bench: exit $bench after $((SECONDS - start)) s" | tee -a "$out/kernel_bench.txt"
 left=$((290 - (SECONDS - start)))
-if ((left > 80)); then
-    timeout 75 python3 bench/frontends_bench.py --frontends 1 2 4 8 --duration 5 --out "$out/frontends_bench.json" 2>&1 | tee "$out/frontends_bench.txt"
+if ((left > 105)); then
+    timeout 100 python3 bench/frontends_bench.py --frontends 1 2 4 8 --duration 4 --out "$out/frontends_bench.json" 2>&1 | tee "$out/frontends_bench.txt"
     echo "frontends: exit ${PIPESTATUS[0]}" | tee -a "$out/frontends_bench.txt"
 fi
 left=$((290 - (SECONDS - start)))

@@ -91,3 +91,22 @@ def test_rejects_bad_inputs():
         make_backend(RecurrentLM(cfg.model_copy(update={"hidden": 9})), pool)
     with pytest.raises(ValueError, match="unknown step backend"):
         make_backend(RecurrentLM(cfg), pool, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["torch", "synthetic"])
+def test_a_cuda_pool_takes_host_token_ids(name):
+    # the runner hands every backend host tensors; a backend on a CUDA pool moves them itself
+    cfg = ModelConfig(cell="lstm", layers=2, hidden=16, embed=8)
+    torch.manual_seed(0)
+    model = RecurrentLM(cfg)
+    logits = []
+    for device in ("cpu", "cuda"):
+        pool = StatePool(cfg, device, 4, 4)
+        slot = pool.allocate()
+        backend = make_backend(model, pool, name, torch.float32)
+        for token in (1, 65, 66):
+            out = backend.step(torch.tensor([token]), torch.tensor([slot]))
+        logits.append(out.cpu())
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-3, atol=1e-3)

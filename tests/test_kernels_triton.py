@@ -80,10 +80,10 @@ def plan(cell: str) -> TilePlan:
 
 @pytest.mark.parametrize("cell", ["lstm", "rnn"])
 def test_the_default_plans(cell):
-    hs = StepHarness(cell, 2, 37, 11, torch.bfloat16, DEVICE, live=300)
+    hs = StepHarness(cell, 2, 37, 11, torch.bfloat16, DEVICE, live=520)
     backend = TritonStep(hs.model, hs.pool, torch.bfloat16, use_graphs=False)
-    assert [size for size, _ in backend.plan] == [1, 16, 256]
-    for size in (3, 16, 256):  # one batch per config
+    assert [size for size, _ in backend.plan] == [1, 128, 512]
+    for size in (3, 128, 512):  # one batch per config
         hs.check(backend, *hs.batch(size), 1e-2)
     hs = StepHarness(cell, 2, 37, 11, device=DEVICE)
     fp32 = TritonStep(hs.model, hs.pool, torch.float32, use_graphs=False)
@@ -98,6 +98,18 @@ def test_programmatic_dependent_launch(cell):
     config = KernelConfig(block_h=4 if cell == "lstm" else 16, block_v=16, num_stages=6, pdl=True)
     backend = TritonStep(hs.model, hs.pool, torch.bfloat16, config)
     for size in (1, 40, 7):
+        hs.check(backend, *hs.batch(size), 1e-2)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "rnn"])
+@pytest.mark.parametrize("hidden", [16, 64])
+def test_narrow_tiles_over_a_hidden_size_of_one_k_chunk(cell, hidden):
+    # 16 MMA columns and a K loop that would run once: the shape Triton 3.6 miscompiled on sm_90
+    hs = StepHarness(cell, 2, hidden, 11, torch.bfloat16, DEVICE)
+    config = KernelConfig(block_h=4 if cell == "lstm" else 16, block_v=16, num_stages=6)
+    backend = TritonStep(hs.model, hs.pool, torch.bfloat16, config, use_graphs=False)
+    assert backend.kh == 2 * config.block_k  # padded to two K chunks
+    for size in (1, 7):
         hs.check(backend, *hs.batch(size), 1e-2)
 
 

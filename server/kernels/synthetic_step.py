@@ -31,6 +31,7 @@ class SyntheticStep:
     @torch.inference_mode()
     def step(self, tokens: Tensor, slots: Tensor) -> Tensor:
         check_batch(tokens, slots, self.pool, self.vocab)
+        tokens, slots = tokens.to(self.pool.device), slots.to(self.pool.device)  # host ids, a CUDA pool
         h = self.pool.h  # [2, layers, rows, hidden]
         parity = self.pool.parity[slots].long()  # [B]
         state = h[parity, 0, slots, 0].to(torch.int64)  # [B] the running hash

@@ -51,9 +51,11 @@ TilePlan = tuple[tuple[int, KernelConfig], ...]
 
 def default_plan(cell: str, dtype: torch.dtype) -> TilePlan:
     """Small batches read every weight once: many narrow programs and deep pipelines keep the
-    SMs pulling from memory. Large batches are GEMMs: 128-row tiles over 8 warps reuse each
-    weight tile more. Chosen on paper (bench/kernel_compile.py: no spills, all on wgmma);
-    bench/kernel_sweep.py measures the candidates on a GPU.
+    SMs pulling from memory. Large batches are GEMMs: wider tiles reuse each weight tile more,
+    and from 512 rows 128-row tiles over 8 warps. Set from bench/kernel_sweep.py on an H200
+    (docs/kernel-benchmarks.md): at B = 64 the narrow config beats the 16-unit one by 5-20%,
+    at B = 256 the 16-unit one beats both others by 5-60%, at B = 1024 the 128-row one beats it
+    by 20-60%; the bucket thresholds sit between the measured sizes.
     Batch invariance across the plan's configs: every config keeps block_k (the K order of each
     sum) and, on Hopper, the same MMA instruction (wgmma, 64 rows per warpgroup, k 16), so each
     output element goes through the same operations; the GPU test of invariance across graph
@@ -65,8 +67,8 @@ def default_plan(cell: str, dtype: torch.dtype) -> TilePlan:
         return ((1, KernelConfig(block_b=32, block_h=unit, block_v=16, num_stages=2)),)
     return (
         (1, KernelConfig(block_h=unit, block_v=16, num_stages=6)),
-        (16, KernelConfig(block_h=4 * unit)),
-        (256, KernelConfig(block_b=128, block_h=8 * unit, num_warps=8)),
+        (128, KernelConfig(block_h=4 * unit)),
+        (512, KernelConfig(block_b=128, block_h=8 * unit, num_warps=8)),
     )
 
 
@@ -127,7 +129,11 @@ class TritonStep:
         configs = [c for _, c in plan]
         self.gates, self.layers, self.hidden = mc.gates, mc.layers, mc.hidden
         self.hp = _round_up(mc.hidden, max(c.block_h for c in configs))  # hidden units, padded to whole tiles
-        self.kh = _round_up(mc.hidden, configs[0].block_k)  # the K extent of h (and x), padded
+        # The K extent of h (and x), padded to whole chunks, and to two at least: on sm_90, Triton
+        # 3.6 miscompiles a K loop of one chunk with 16-column MMA tiles (compute-sanitizer: an
+        # out-of-bounds shared-memory read in the epilogue; wrong Elman outputs). A zero chunk
+        # only costs models with H <= block_k.
+        self.kh = max(_round_up(mc.hidden, configs[0].block_k), 2 * configs[0].block_k)
         self.vp = _round_up(mc.vocab_size, max(c.block_v for c in configs))
         sw = served_weights(model, dtype)
 
