@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # What `make test` needs beyond Python: Prometheus and promtool (tests/test_metrics.py),
-# util-linux's unshare and nsenter (the durability fault tests), and HAProxy (tests/test_haproxy.py). Installed with apt-get when
+# util-linux's unshare and nsenter (the durability fault tests), HAProxy (tests/test_haproxy.py) and Redis (tests/test_session_store.py). Installed with apt-get when
 # missing and running as root; otherwise one line says what to install.
 set -euo pipefail
 missing=()
 command -v promtool >/dev/null && command -v prometheus >/dev/null || missing+=(prometheus)
 command -v unshare >/dev/null && command -v nsenter >/dev/null || missing+=(util-linux)
 command -v haproxy >/dev/null || missing+=(haproxy)
+command -v redis-server >/dev/null || missing+=(redis-server)
 [ ${#missing[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
   echo "make test: installing ${missing[*]} (apt-get)"

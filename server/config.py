@@ -67,6 +67,11 @@ class ServeSettings(BaseSettings):
         None, description="PEM CA bundle: require client certificates signed by it"
     )
     state_dir: Path | None = Field(None, description="keep sessions here across restarts and crashes")
+    session_store: str | None = Field(
+        None,
+        pattern=r"^redis://[^/]+(/\d+)?$",
+        description="redis://HOST:PORT/DB: keep sessions in Redis, shared by replicas (instead of --state-dir)",
+    )
     durability: Literal["none", "shutdown", "log"] | None = Field(
         None,
         description="none, shutdown (snapshots at a graceful stop) or log (also a write-ahead log); default: log with a state dir",
@@ -94,7 +99,13 @@ class ServeSettings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca needs tls_cert and tls_key")
-        if self.durability is None:
+        if self.session_store is not None:
+            if self.state_dir is not None:
+                raise ValueError("give --session-store or --state-dir, not both: one store per server")
+            if self.durability not in (None, "log"):
+                raise ValueError("--session-store keeps every absorbed token: its durability is log")
+            self.durability = "log"
+        elif self.durability is None:
             self.durability = "log" if self.state_dir is not None else "none"
         elif self.durability != "none" and self.state_dir is None:
             raise ValueError(f"durability {self.durability!r} needs a state_dir")

@@ -7,80 +7,29 @@ replica. A replica that goes NOT_SERVING (its /healthz answers 503) gets no new 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import grpc
 import pytest
 
 from client import Client, StatusError
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
-from tests.conftest import ROOT
+from tests.cluster import haproxy, healthz
 from tests.stubs import connect
 
 pytestmark = pytest.mark.skipif(shutil.which("haproxy") is None, reason="needs haproxy (make test-deps)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def healthz(server) -> int:
-    try:
-        with urllib.request.urlopen(server.metrics_url.replace("/metrics", "/healthz"), timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
 
 
 @pytest.fixture
 def routed(start_server):
     """(haproxy's target, the two replicas), HAProxy running deploy/haproxy.cfg."""
     replicas = [start_server("--shutdown-delay", "60", "--session-ttl", "300") for _ in range(2)]
-    listen, stats = free_port(), free_port()
-    env = {
-        **os.environ,
-        "LISTEN": f"127.0.0.1:{listen}",
-        "STATS": f"127.0.0.1:{stats}",
-        **{f"REPLICA{i + 1}": r.target for i, r in enumerate(replicas)},
-        **{f"HEALTH{i + 1}": r.metrics_url.rsplit(":", 1)[1].split("/")[0] for i, r in enumerate(replicas)},
-    }
-    proxy = subprocess.Popen(
-        ["haproxy", "-db", "-f", str(ROOT / "deploy" / "haproxy.cfg")],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    target = f"127.0.0.1:{listen}"
-    deadline = time.monotonic() + 20
-    while True:  # until both replicas are UP in HAProxy's exporter
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{stats}/metrics", timeout=2) as r:
-                up = [
-                    line
-                    for line in r.read().decode().splitlines()
-                    if line.startswith("haproxy_server_status{")
-                ]
-            if sum('state="UP"' in line and line.endswith(" 1") for line in up) == 2:
-                break
-        except OSError:
-            pass
-        if proxy.poll() is not None or time.monotonic() > deadline:
-            proxy.kill()
-            raise AssertionError("HAProxy never saw both replicas UP:\n" + proxy.communicate()[0])
-        time.sleep(0.2)
-    yield target, replicas
-    proxy.terminate()
-    proxy.wait(10)
+    with haproxy(replicas) as target:
+        yield target, replicas
+    for replica in replicas:  # not SIGTERM: that would wait out the 60 s shutdown delay
+        replica.stop(signal.SIGKILL)
 
 
 def where(replicas, session_id: str) -> list[int]:

@@ -62,17 +62,23 @@ class Record:
     meta: dict | None = None  # CREATE
 
 
+def tokens_body(session_id: str, start: int, tokens: list[int] | tuple[int, ...], life: int) -> bytes:
+    """A TOKENS record's body (what decode_body reads), without building a Record."""
+    if len(tokens) > MAX_TOKENS_PER_RECORD:
+        raise ValueError(f"a log record holds at most {MAX_TOKENS_PER_RECORD} tokens, got {len(tokens)}")
+    return (
+        _HEAD.pack(RecordKind.TOKENS, bytes.fromhex(session_id))
+        + _TOKENS.pack(life, start, len(tokens))
+        + struct.pack(f"<{len(tokens)}H", *tokens)
+    )
+
+
 def encode(record: Record) -> bytes:
-    body = _HEAD.pack(record.kind, bytes.fromhex(record.session_id))
     if record.kind == RecordKind.TOKENS:
-        if len(record.tokens) > MAX_TOKENS_PER_RECORD:
-            raise ValueError(
-                f"a log record holds at most {MAX_TOKENS_PER_RECORD} tokens, got {len(record.tokens)}"
-            )
-        body += _TOKENS.pack(record.life, record.start, len(record.tokens)) + struct.pack(
-            f"<{len(record.tokens)}H", *record.tokens
-        )
-    elif record.kind == RecordKind.CREATE:
+        body = tokens_body(record.session_id, record.start, record.tokens, record.life)
+        return _RECORD.pack(len(body)) + body
+    body = _HEAD.pack(record.kind, bytes.fromhex(record.session_id))
+    if record.kind == RecordKind.CREATE:
         body += json.dumps(record.meta, separators=(",", ":")).encode()
     return _RECORD.pack(len(body)) + body
 

@@ -52,30 +52,37 @@ def read_snapshots(sessions_dir: Path) -> tuple[dict[str, Restored], dict[str, s
     restored, damaged = {}, {}
     for path in sorted(sessions_dir.glob("*.snap")):
         try:
-            found = blob.unpack(path.read_bytes())
-            extra = found.extra
-            meta = {
-                "id": extra["id"],
-                "owner": extra["owner"],
-                "model": found.model,
-                "version": found.fingerprint,
-                "seed": found.seed,
-                "ttl": float(extra["ttl"]),
-                "remaining_ttl": float(extra["remaining_ttl"]),
-                "created_at": float(extra["created_at"]),
-            }
-            restored[meta["id"]] = Restored(
-                meta,
-                found.position,
-                found.state or None,
-                found.logits,
-                list(extra["history"]),
-                list(extra["pending"]),
-                life=int(extra.get("life", 0)),  # older snapshots: no reset since the log began
-            )
+            found = from_snapshot(path.read_bytes())
+            restored[found.meta["id"]] = found
         except (InvalidArgument, KeyError, TypeError, ValueError, OSError) as e:
             damaged[path.stem] = str(e)
     return restored, damaged
+
+
+def from_snapshot(data: bytes) -> Restored:
+    """A session from its snapshot's bytes (state_dir.snapshot_bytes); InvalidArgument, KeyError
+    or ValueError if they are damaged."""
+    found = blob.unpack(data)
+    extra = found.extra
+    meta = {
+        "id": extra["id"],
+        "owner": extra["owner"],
+        "model": found.model,
+        "version": found.fingerprint,
+        "seed": found.seed,
+        "ttl": float(extra["ttl"]),
+        "remaining_ttl": float(extra["remaining_ttl"]),
+        "created_at": float(extra["created_at"]),
+    }
+    return Restored(
+        meta,
+        found.position,
+        found.state or None,
+        found.logits,
+        list(extra["history"]),
+        list(extra["pending"]),
+        life=int(extra.get("life", 0)),  # older snapshots: no reset since the log began
+    )
 
 
 def apply_log(wal_dir: Path, restored: dict[str, Restored]) -> list[str]:

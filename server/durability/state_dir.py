@@ -83,6 +83,30 @@ class Snapshot:
     data: bytes
 
 
+class Marks:
+    """A session's life and durable position, changed together: when its records go to the log
+    (the engine's thread) and when they are durable (the log's thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def recorded(self, entries: list[tuple[Session, int, list[int]]]) -> None:
+        """(session, start, tokens) handed to the log: a start from zero begins a new life."""
+        with self._lock:
+            for session, start, _ in entries:
+                session.logged = True
+                if start == 0:
+                    session.life += 1
+                    session.durable_position = 0
+
+    def durable(self, marks: list[tuple[Session, int, int]]) -> None:
+        """Marks (session, life, position) made durable; a mark from before a reset is void."""
+        with self._lock:
+            for session, life, position in marks:
+                if life == session.life:
+                    session.durable_position = max(session.durable_position, position)
+
+
 class StateDirError(ValueError):
     """The state dir cannot be used: the server refuses to start (one line, no traceback)."""
 
@@ -135,16 +159,17 @@ class Durability:
         self.mode = mode if state_dir is not None else "none"
         self.state_dir = state_dir
         self.snapshot_interval = snapshot_interval
+        self.snapshot_tokens = 0  # snapshots by time only: a restart's replay may take a while
         self.wal: WriteAheadLog | None = None
         self._on_error = on_error  # every failed write: ("write", "fsync" or "snapshot", the error)
         self._on_health = on_health  # False while the log refuses writes, True once it recovered
-        self._marks = threading.Lock()  # a session's life and durable position change together
+        self._marks = Marks()
         self._lock_file = (
             open_state_dir(state_dir, server_pid or os.getpid()) if self.mode != "none" else None
         )
         if self.mode == "log":
             self.wal = WriteAheadLog(
-                state_dir / "wal", fsync_interval, self._made_durable, self._log_failed, self._log_recovered
+                state_dir / "wal", fsync_interval, self._marks.durable, self._log_failed, self._log_recovered
             )
 
     @property
@@ -191,19 +216,7 @@ class Durability:
             records.append(Record(RecordKind.TOKENS, session.id, start, tuple(tokens), life))
             marks.append((session, life, start + len(tokens)))
         self.wal.append(records, marks)
-        with self._marks:
-            for session, start, _ in entries:
-                session.logged = True
-                if start == 0:
-                    session.life += 1
-                    session.durable_position = 0
-
-    def _made_durable(self, marks: list[tuple[Session, int, int]]) -> None:
-        """Log thread: marks (session, life, position); a mark from before a reset is void."""
-        with self._marks:
-            for session, life, position in marks:
-                if life == session.life:
-                    session.durable_position = max(session.durable_position, position)
+        self._marks.recorded(entries)
 
     def deleted(self, session: Session) -> None:
         """A session ended (expiry, a failed creation, a temporary one): best effort."""
@@ -276,18 +289,17 @@ class Durability:
 
     @staticmethod
     def snapshots_of(
-        sessions: list[Session], state_of: Callable[[Session], bytes | None], moved_only: bool
+        sessions: list[Session], state_of: Callable[[Session], bytes | None], min_moved: int
     ) -> list[Snapshot]:
-        """Snapshot contents of `sessions` (with moved_only, those that changed since their last
-        one); between iterations for sessions on a loaded model, whose state `state_of` exports.
-        A session whose replay is under way keeps its old snapshot (it holds what is left to replay)."""
+        """Snapshot contents of the `sessions` that moved `min_moved` tokens or more since their
+        last one (0: all); between iterations for sessions on a loaded model, whose state
+        `state_of` exports. A session whose replay is under way keeps its old snapshot (it
+        holds what is left to replay)."""
         now = time.time()
         return [
             Snapshot(s, (s.life, s.state_position), snapshot_bytes(s, state_of(s), now))
             for s in sessions
-            if s.durable
-            and not s.replaying
-            and not (moved_only and s.snapshot_key == (s.life, s.state_position))
+            if s.durable and not s.replaying and s.unsnapshotted >= min_moved
         ]
 
     def write_snapshots(self, taken: list[Snapshot]) -> None:

@@ -20,7 +20,9 @@ import numpy as np
 
 from server import tokenizer
 from server.config import ServeSettings
+from server.durability.shared import SharedDurability
 from server.durability.state_dir import Durability
+from server.engine.ownership import Ownership
 from server.engine.persistence import Persistence
 from server.engine.registry import ModelRegistry, ModelRuntime
 from server.errors import (
@@ -56,17 +58,33 @@ class Engine:
         self.metrics = metrics
         self._queued_limit_of = queued_limit_of  # an owner's per-session request cap (its API key's), if any
         self.store = SessionStore(settings.max_sessions, settings.session_ttl, settings.max_session_ttl)
-        self.durability = Durability(
-            settings.state_dir,
-            settings.durability,
-            settings.fsync_interval,
-            settings.snapshot_interval,
-            on_error=lambda operation, error: metrics.durability_errors.labels(operation).inc(),
-            on_health=self._log_health_changed,
-            server_pid=server_pid,
-        )
+        on_error = lambda operation, error: metrics.durability_errors.labels(operation).inc()  # noqa: E731
+        self.shared: SharedDurability | None = None  # the shared session store (Redis), if any
+        if settings.session_store is not None:
+            self.durability = self.shared = SharedDurability(
+                settings.session_store,
+                settings.snapshot_interval,
+                on_error=on_error,
+                on_health=self._log_health_changed,
+                on_fenced=lambda session_ids: self.ownership.let_go(session_ids),
+            )
+        else:
+            self.durability = Durability(
+                settings.state_dir,
+                settings.durability,
+                settings.fsync_interval,
+                settings.snapshot_interval,
+                on_error=on_error,
+                on_health=self._log_health_changed,
+                server_pid=server_pid,
+            )
         self.persistence = Persistence(
             self.durability, registry, self.store, metrics, settings.max_queue, self.replay
+        )
+        self.ownership = (
+            Ownership(self.shared, self.store, self.persistence, self._end)
+            if self.shared is not None
+            else None
         )
         self._tasks: list[asyncio.Task] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -79,6 +97,8 @@ class Engine:
     async def start(self) -> None:
         """Start the schedulers, restore the sessions of the state dir, then serve."""
         loop = self._loop = asyncio.get_running_loop()
+        if self.ownership is not None:
+            self.ownership.loop = loop
         for runtime in self.registry.runtimes():
             self._start_runtime(runtime)
         await self.persistence.restore()
@@ -166,6 +186,16 @@ class Engine:
             return self.store.get(session_id, principal.name)  # raises NOT_FOUND ... expired
         return session
 
+    async def ensure_local(self, principal: Principal, session_id: str) -> None:
+        """Before a call about an existing session: with a shared session store, make sure this
+        server holds its current state (ownership.py); otherwise nothing to do."""
+        if self.ownership is not None:
+            await self.ownership.ensure_local(principal, session_id)
+
+    async def _claim(self, session: Session) -> None:
+        if self.ownership is not None:
+            await self.ownership.claim(session)
+
     def list_sessions(self, principal: Principal) -> list[Session]:
         return self.store.owned_by(principal.name)
 
@@ -184,6 +214,7 @@ class Engine:
         runtime = self.registry.get(model, version)
         session = self._register(principal, runtime, seed, ttl, session_id)
         session.durable = durable
+        await self._claim(session)
         await self._or_rolled_back(
             session, self.run_quietly(session, Job("", Outbox(limit=2), feed=[tokenizer.BOS], reset=True))
         )
@@ -205,6 +236,7 @@ class Engine:
         child.position = child.state_position = parent.position
         child.logits, child.history = parent.logits.copy(), list(parent.history)
         parent.touch()
+        await self._claim(child)
         await self._or_rolled_back(
             child, runtime.scheduler.between_iterations(self._copy_and_snapshot, runtime, parent, child)
         )
@@ -245,6 +277,7 @@ class Engine:
         session = self._register(principal, runtime, exported.seed, ttl, session_id)
         session.position = session.state_position = exported.position
         session.logits = exported.logits
+        await self._claim(session)
         try:
             placed = await self._or_rolled_back(
                 session,
@@ -416,11 +449,16 @@ class Engine:
         if session.closed:
             return
         self.store.remove(session, expired=reason == "expired")
-        self.durability.deleted(session)
-        if session.driver is not None:
-            session.driver.end(
-                NotFound(f"session {session.id} was {'deleted' if reason == 'deleted' else reason}")
+        if reason == "moved":  # the session lives on, held by another server
+            error: Exception = Unavailable(
+                f"session {session.id} is now held by another server; retry (resume() does), and the "
+                f"router sends the call there"
             )
+        else:
+            self.durability.deleted(session)
+            error = NotFound(f"session {session.id} was {'deleted' if reason == 'deleted' else reason}")
+        if session.driver is not None:
+            session.driver.end(error)
         if not session.stranded:
             runtime = self.runtime(session)
             runtime.scheduler.wake()

@@ -25,6 +25,8 @@ from server.sessions.principal import Principal
 from server.sessions.store import Driver, Session
 
 log = logging.getLogger(__name__)
+# the calls about a session that exists already (Create and Import name new ones)
+EXISTING_SESSION_CALLS = (m.GetSession, m.DeleteSession, m.ResetSession, m.ForkSession, m.ExportSession)
 OUTBOX_LIMIT = 8  # events a stream may have unread by grpc before its session pauses
 
 
@@ -102,6 +104,7 @@ class EngineEndpoint:
         self.channel = channel
         self._limits = limits  # API key name -> its max_queued_requests (the engine's queued_limit_of)
         self._streams: dict[int, RemoteStream] = {}
+        self._opening: set[int] = set()  # streams whose session is being taken over (shared store)
         self._tasks: set[asyncio.Task] = set()
 
     def models(self) -> list[m.ModelInfo]:
@@ -135,6 +138,26 @@ class EngineEndpoint:
     # ---- streams ---------------------------------------------------------------------------
 
     def _open(self, message: m.Open) -> None:
+        if self.engine.shared is None:
+            self._attach(message)
+            return
+        self._opening.add(message.stream)
+        self._spawn(self._open_shared(message))
+
+    async def _open_shared(self, message: m.Open) -> None:
+        """With a shared session store: hold the session first (it may be another server's)."""
+        try:
+            await self.engine.ensure_local(message.principal, message.session_id)
+        except Exception as e:
+            if message.stream in self._opening:
+                self._opening.discard(message.stream)
+                self.channel.send(m.StreamFailed(message.stream, m.WireError.of(e)))
+            return
+        if message.stream in self._opening:  # else it closed meanwhile
+            self._opening.discard(message.stream)
+            self._attach(message)
+
+    def _attach(self, message: m.Open) -> None:
         try:
             session, driver = self.engine.attach(
                 message.principal,
@@ -182,6 +205,7 @@ class EngineEndpoint:
             self._close(stream)
 
     def _close(self, stream: int) -> None:
+        self._opening.discard(stream)
         s = self._streams.pop(stream, None)
         if s is not None:
             for job in s.jobs.values():
@@ -212,6 +236,8 @@ class EngineEndpoint:
 
     async def _answer(self, message: m.SessionCall) -> m.Reply:
         engine, p = self.engine, message.principal
+        if isinstance(message, EXISTING_SESSION_CALLS):
+            await engine.ensure_local(p, message.session_id)
         match message:
             case m.CreateSession():
                 session = await engine.create_session(

@@ -64,6 +64,7 @@ class Session:
     durable: bool = True  # False: a temporary session, never written to the state dir
     logged: bool = False  # the log (or a snapshot) knows the session exists
     life: int = 0  # restarts from position 0 (creation, resets): what a snapshot of it is taken in
+    epoch: int = 0  # with a shared session store: the epoch this server holds it under (0: none)
     snapshot_key: tuple[int, int] | None = None  # (life, position) of its last snapshot
     replaying: bool = False  # its logged tokens are being fed again (after a restart)
     stranded: bool = False  # restored for a model version that is not loaded: only its data is kept
@@ -83,6 +84,15 @@ class Session:
 
     def touch(self, now: float | None = None) -> None:
         self.expires_at = (now or time.time()) + self.ttl
+
+    @property
+    def unsnapshotted(self) -> int:
+        """Tokens absorbed since its last snapshot (at least 1 if it has none of this life)."""
+        if self.snapshot_key == (self.life, self.state_position):
+            return 0
+        if self.snapshot_key is None or self.snapshot_key[0] != self.life:
+            return max(1, self.state_position)
+        return max(1, self.state_position - self.snapshot_key[1])
 
     def remember(self, start: int, tokens: list[int]) -> None:
         """Step thread: the state absorbed `tokens` from position `start` (0: from the zero state)."""
@@ -180,6 +190,10 @@ class SessionStore:
             when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expired_at))
             raise NotFound(f"session {session_id} expired at {when} (idle past its TTL); create a new one")
         raise NotFound(f"session {session_id} not found")
+
+    def find(self, session_id: str) -> Session | None:
+        """The live session of that id, whoever owns it (no checks: for internal lookups)."""
+        return self._sessions.get(session_id)
 
     def owned_by(self, owner: str) -> list[Session]:
         return [s for s in self._sessions.values() if s.owner == owner]

@@ -1,0 +1,253 @@
+"""Sessions in Redis, shared by every replica: keys, fenced writes, and the writer thread.
+
+    lstm:{<id>}:epoch   the epoch the session is held under (INCR by every takeover)
+    lstm:{<id>}:meta    its metadata, JSON (owner, model, version, seed, ttl, created_at)
+    lstm:{<id>}:snap    its last snapshot (the bytes of a state dir's .snap file)
+    lstm:{<id>}:log     its absorbed tokens since that snapshot: journal TOKENS record bodies
+
+A replica holds a session under an epoch: it claims epoch 1 when it creates the session, or
+takes it over (from a replica that died, or that a router no longer sends it to) by bumping
+the epoch atomically with reading its snapshot and log. Every write runs WRITE, which checks
+the epoch first: a replica that lost a session (stopped, partitioned, then back) can never
+write over the new holder's state. Every key expires (PEXPIRE) a TTL after it was last refreshed
+(see WRITE).
+
+The writer sends what the engine queued, in order, as one pipeline per round trip (one
+scheduler iteration's records, or several when Redis is slower than the steps). A token is
+durable once Redis acknowledged its record (the server runs it with appendfsync always).
+When Redis cannot be written, appends are refused (UNAVAILABLE) and the unacknowledged
+writes are sent again every `retry_interval` seconds, in the same order, until they succeed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import redis
+
+from server.errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+WRITE = """
+-- Writes of several sessions, in order. For write i (from 0): KEYS[4i+1..4i+4] are its epoch,
+-- meta, log and snap keys; ARGV[5i+1..5i+5] its op (append, snapshot, delete), epoch, TTL in
+-- ms, payload and meta (its first write only). Returns 1 per write done, 0 per stale epoch.
+local done = {}
+for i = 0, #KEYS / 4 - 1 do
+  local epoch, meta, log, snap = KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4]
+  local op, ttl, payload, first = ARGV[5*i+1], ARGV[5*i+3], ARGV[5*i+4], ARGV[5*i+5]
+  if redis.call('GET', epoch) ~= ARGV[5*i+2] then
+    done[i+1] = 0
+  elseif op == 'delete' then
+    redis.call('DEL', epoch, meta, log, snap)
+    done[i+1] = 1
+  else
+    -- expiry: refreshed by the first write, every snapshot (--snapshot-interval while the
+    -- session moves) and a log's first record, not by every record (Redis's own CPU counts)
+    local refresh = {}
+    if first ~= '' then
+      redis.call('SET', meta, first)
+      refresh = {epoch, meta}
+    end
+    if op == 'append' then
+      if redis.call('RPUSH', log, payload) == 1 then table.insert(refresh, log) end
+    else -- a snapshot covers every record queued before it: the log starts again after it
+      redis.call('SET', snap, payload)
+      redis.call('DEL', log)
+      refresh = {epoch, meta, snap}
+    end
+    for _, key in ipairs(refresh) do redis.call('PEXPIRE', key, ttl) end
+    done[i+1] = 1
+  end
+end
+return done
+"""
+
+TAKE_OVER = """
+-- KEYS: epoch, meta, log, snap; ARGV: owner. Bumps the epoch and reads the session, atomically.
+local meta = redis.call('GET', KEYS[2])
+if not meta or cjson.decode(meta)['owner'] ~= ARGV[1] then return false end
+local epoch = redis.call('INCR', KEYS[1])
+return {epoch, meta, redis.call('GET', KEYS[4]) or '', redis.call('LRANGE', KEYS[3], 0, -1),
+        redis.call('PTTL', KEYS[2])}
+"""
+
+CHUNK = 256  # writes per WRITE call: a backlog after an outage does not hold Redis in one long script
+FAILURES = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
+
+
+@functools.lru_cache(maxsize=1 << 16)  # every iteration writes the same sessions' keys
+def keys(session_id: str) -> tuple[str, str, str, str]:
+    base = f"lstm:{{{session_id}}}"  # one hash slot per session
+    return f"{base}:epoch", f"{base}:meta", f"{base}:log", f"{base}:snap"
+
+
+class Write(NamedTuple):
+    """One fenced write of a session: a log record, a snapshot, or its deletion (a tuple: one
+    per session per iteration is made on the engine's thread)."""
+
+    op: str  # "append", "snapshot" or "delete"
+    session_id: str
+    epoch: int
+    ttl_ms: int
+    payload: bytes = b""
+    meta: str = ""  # the session's metadata JSON, on its first write
+
+
+@dataclass(frozen=True)
+class TakenOver:
+    epoch: int
+    meta: dict
+    snapshot: bytes  # b"": none yet
+    records: list[bytes]  # TOKENS record bodies since the snapshot
+    remaining_ttl: float  # seconds
+
+
+def unreachable(url: str, error: Exception) -> Unavailable:
+    return Unavailable(
+        f"the session store {url} cannot be reached or written ({error}); the server retries and serves "
+        f"again once Redis answers"
+    )
+
+
+class RedisSessions:
+    """The session store's client: claims, epochs, takeovers, and the fenced writes."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
+        self._write_sha = ""
+
+    def check(self) -> None:
+        """ConnectionError (and friends) if Redis cannot be reached or does not answer."""
+        self.client.ping()
+
+    def claim(self, session_id: str) -> bool:
+        """Epoch 1 for a new session id; False if the store knows the id already."""
+        return bool(self.client.set(keys(session_id)[0], 1, nx=True))
+
+    def epoch_of(self, session_id: str) -> int | None:
+        value = self.client.get(keys(session_id)[0])
+        return None if value is None else int(value)
+
+    def take_over(self, session_id: str, owner: str) -> TakenOver | None:
+        """Hold the session under a new epoch and read it; None if it is not `owner`'s."""
+        found = self.client.eval(TAKE_OVER, 4, *keys(session_id), owner)
+        if found is None:
+            return None
+        epoch, meta, snapshot, records, pttl = found
+        return TakenOver(int(epoch), json.loads(meta), snapshot, list(records), max(0, int(pttl)) / 1000)
+
+    def write(self, batch: list[Write]) -> list[bool]:
+        """One round trip: every write of `batch` in order (WRITE calls of up to CHUNK writes,
+        pipelined); False where the epoch had moved on."""
+        if not self._write_sha:
+            self._write_sha = self.client.script_load(WRITE)
+        pipe = self.client.pipeline(transaction=False)
+        for start in range(0, len(batch), CHUNK):
+            chunk = batch[start : start + CHUNK]
+            names = [key for w in chunk for key in keys(w.session_id)]
+            args = [arg for w in chunk for arg in (w.op, w.epoch, w.ttl_ms, w.payload, w.meta)]
+            pipe.evalsha(self._write_sha, len(names), *names, *args)  # Write's fields are WRITE's ARGV
+        try:
+            results = pipe.execute()
+        except redis.exceptions.NoScriptError:  # Redis restarted with an empty script cache
+            self._write_sha = ""
+            return self.write(batch)
+        return [bool(done) for chunk in results for done in chunk]
+
+
+class RedisWriter:
+    """Sends the writes the engine queues, from its own thread, one pipeline per round trip.
+
+    on_durable(marks): the marks (session, life, position) of acknowledged records;
+    on_fenced(session ids): sessions whose writes were refused (another replica holds them);
+    on_fault(error) once when Redis stops accepting writes, on_recovered() when it accepts them again.
+    """
+
+    def __init__(
+        self,
+        sessions: RedisSessions,
+        on_durable: Callable[[list], None],
+        on_fenced: Callable[[set[str]], None],
+        on_fault: Callable[[Exception], None],
+        on_recovered: Callable[[], None],
+        retry_interval: float = 0.5,
+    ) -> None:
+        self.sessions = sessions
+        self.retry_interval = retry_interval
+        self._on_durable, self._on_fenced = on_durable, on_fenced
+        self._on_fault, self._on_recovered = on_fault, on_recovered
+        self._lock = threading.Lock()  # the queue and the failure
+        self._flush_lock = threading.Lock()  # one round trip at a time, in queue order
+        self._queue: list[tuple[list[Write], list]] = []  # (writes, their marks), oldest first
+        self.failure: Exception | None = None
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send_forever, name="redis-writer", daemon=True)
+        self._thread.start()
+
+    def append(self, writes: list[Write], marks: list) -> None:
+        """Queue writes (marks: made durable once acknowledged); UNAVAILABLE, nothing queued,
+        while Redis cannot be written."""
+        with self._lock:
+            if self.failure is not None:
+                raise unreachable(self.sessions.url, self.failure)
+            self._queue.append((writes, marks))
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Send everything queued so far, from the calling thread; UNAVAILABLE if Redis cannot
+        be written (the writes stay queued and are sent again)."""
+        with self._flush_lock:
+            with self._lock:
+                batch, self._queue = self._queue, []
+            if not batch:
+                if self.failure is not None:
+                    raise unreachable(self.sessions.url, self.failure)
+                return
+            writes = [w for ws, _ in batch for w in ws]
+            try:
+                accepted = self.sessions.write(writes)
+            except FAILURES as e:
+                with self._lock:
+                    self._queue[:0] = batch
+                    first, self.failure = self.failure is None, e
+                if first:
+                    self._on_fault(e)
+                raise unreachable(self.sessions.url, e) from e
+            with self._lock:
+                recovered, self.failure = self.failure is not None, None
+        fenced = {w.session_id for w, ok in zip(writes, accepted) if not ok and w.op != "delete"}
+        marks = [mark for _, ms in batch for mark in ms if mark[0].id not in fenced]
+        if marks:
+            self._on_durable(marks)
+        if fenced:
+            self._on_fenced(fenced)
+        if recovered:
+            self._on_recovered()
+
+    def _send_forever(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.retry_interval if self.failure is not None else None)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Unavailable:
+                pass  # logged by on_fault; sent again after retry_interval
+            except Exception:  # never die silently: the writes must go on
+                log.exception("redis writer error")
+
+    def close(self) -> None:
+        """Send what is queued, then stop the thread (UNAVAILABLE if Redis cannot be written)."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join()
+        self.flush()

@@ -1,0 +1,92 @@
+"""Failover through the whole scale-out stack: real Redis, two replicas on it, HAProxy in front.
+A replica killed with -9 mid-stream costs its clients a resume(), and every session still
+produces exactly the tokens of an uninterrupted run with the same seed."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+
+from client import Client, ClientOptions, StatusError, retry
+from client.lstmserve.v1 import lstm_serve_pb2 as pb
+from tests.cluster import RedisServer, free_port, haproxy
+from tests.stubs import connect
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("haproxy") is None or shutil.which("redis-server") is None,
+    reason="needs haproxy and redis-server (make test-deps)",
+)
+SESSIONS, TOKENS = 16, 300
+
+
+@pytest.fixture
+def cluster(start_server, tmp_path):
+    """(HAProxy's target, the two replicas), sessions shared through Redis."""
+    store = RedisServer(tmp_path / "redis", free_port())
+    store.directory.mkdir()
+    store.start()
+    replicas = [
+        start_server("--session-store", store.url, "--shutdown-delay", "0", "--snapshot-interval", "0.5")
+        for _ in range(2)
+    ]
+    try:
+        with haproxy(replicas) as target:
+            yield target, replicas
+    finally:
+        store.kill()
+
+
+def held_by(replica) -> set[str]:
+    return {s.id for s in connect(replica.target).ListSessions(pb.ListSessionsRequest(), timeout=10).sessions}
+
+
+def generate_through_faults(session, tokens: list[int], resumed: list[int]) -> None:
+    """Generate until the session holds TOKENS new tokens, resuming after every retriable fault."""
+    while len(tokens) < TOKENS:
+        try:
+            for token in session.generate(max_tokens=TOKENS - len(tokens), ignore_eos=True):
+                tokens.append(token.id)
+        except StatusError as e:
+            if not retry.retriable(e):
+                raise
+            resumed.append(1)
+            tokens += session.resume(deadline=60).missed  # what the server absorbed that we never heard
+
+
+def test_a_replica_killed_mid_stream_costs_only_a_resume(cluster):
+    target, replicas = cluster
+    with Client(target, ClientOptions(timeout=30)) as client:
+        sessions = [client.create_session("tiny", seed=seed) for seed in range(SESSIONS)]
+        victims = held_by(replicas[0])
+        assert 0 < len(victims) < SESSIONS  # the router spread them
+        tokens: list[list[int]] = [[] for _ in sessions]
+        resumed: list[int] = []
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                generate_through_faults(sessions[i], tokens[i], resumed)
+            except BaseException as e:  # reported below, with the session's index
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(SESSIONS)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while min(len(tokens[i]) for i, s in enumerate(sessions) if s.id in victims) < 20:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        replicas[0].proc.send_signal(signal.SIGKILL)  # mid-stream: its sessions are half done
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        assert len(resumed) >= 1  # the kill interrupted streams: they finished through resume()
+        assert held_by(replicas[1]) >= victims  # the survivor took every session of the dead one
+        for seed, got in enumerate(tokens):
+            with client.create_session("tiny", seed=seed) as reference:
+                expected = [t.id for t in reference.generate(max_tokens=len(got), ignore_eos=True)]
+            assert got == expected, f"session {seed} differs after the failover"
