@@ -194,6 +194,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--new-session", action="store_true", help="create a session, keep it and print its id on stderr"
     )
     p.add_argument("--takeover", action="store_true", help="take the session over from a stream driving it")
+    p.add_argument(
+        "--retry-deadline",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="with a session: how long to keep resuming after a server or replica goes away (default: 30)",
+    )
     add_sampling_options(p, max_tokens=200, temperature=DEFAULT_TEMPERATURE)
     p.set_defaults(run=c.generate)
 

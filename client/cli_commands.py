@@ -13,14 +13,13 @@ from client.bench import BenchConfig, report, run_bench
 from client.messages import SessionInfo
 from client.options import ClientOptions
 from client.render import (
-    finished_dict,
     key_values,
     model_dict,
     models_table,
     session_dict,
     sessions_table,
-    token_dict,
 )
+from client.resuming import Printer, generate_resuming
 from client.sync_client import Client
 from client.token_stream import TokenStream
 
@@ -75,22 +74,9 @@ def resolve_model(client: Client, requested: str | None) -> str:
 
 def print_stream(stream: TokenStream, as_json: bool) -> None:
     """Each piece of text as it arrives (flushed), then a newline if the text lacks one."""
-    for token in stream:
-        if as_json:
-            emit({"token": token_dict(token)})
-        elif token.text:
-            sys.stdout.write(token.text)
-            sys.stdout.flush()
-    if as_json:
-        emit(
-            {
-                "finished": finished_dict(stream.finished) if stream.finished else None,
-                "session_id": stream.session_id,
-            }
-        )
-    elif not stream.text.endswith("\n"):
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+    printer = Printer(as_json)
+    printer.stream(stream)
+    printer.end(stream)
 
 
 def sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -118,14 +104,13 @@ def generate(args: argparse.Namespace) -> int:
                 model, model_version=args.model_version, seed=args.seed, keep=True
             ).id
             print(session_id, file=sys.stderr, flush=True)
-        stream = client.generate(
-            prompt,
-            model=model,
-            model_version=args.model_version,
-            session_id=session_id,
-            seed=None if session_id else args.seed,
-            takeover=args.takeover,
-            **sampling(args),
+        if session_id:  # a session can be resumed: a fault costs a retry, not the generation
+            handle = client.session(session_id)
+            printer = Printer(args.json)
+            generate_resuming(handle, prompt, sampling(args), printer, args.retry_deadline, args.takeover)
+            return EXIT_OK
+        stream = client.generate(  # a temporary session: nothing to resume
+            prompt, model=model, model_version=args.model_version, seed=args.seed, **sampling(args)
         )
         print_stream(stream, args.json)
     return EXIT_OK

@@ -4,8 +4,11 @@ produces exactly the tokens of an uninterrupted run with the same seed."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,6 +17,7 @@ import pytest
 from client import Client, ClientOptions, StatusError, retry
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
 from tests.cluster import RedisServer, free_port, haproxy
+from tests.conftest import ROOT
 from tests.stubs import connect
 
 pytestmark = pytest.mark.skipif(
@@ -90,3 +94,42 @@ def test_a_replica_killed_mid_stream_costs_only_a_resume(cluster):
             with client.create_session("tiny", seed=seed) as reference:
                 expected = [t.id for t in reference.generate(max_tokens=len(got), ignore_eos=True)]
             assert got == expected, f"session {seed} differs after the failover"
+
+
+def test_the_cli_resumes_its_session_through_a_replica_failure(cluster):
+    target, replicas = cluster
+    with Client(target, ClientOptions(timeout=30)) as client:
+        session = client.create_session("tiny", seed=21, keep=True)
+        session.detach()
+    holder = next(r for r in replicas if session.id in held_by(r))
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "client.cli",
+            "--target",
+            target,
+            "--json",
+            "generate",
+            "--session",
+            session.id,
+        ]
+        + ["--max-tokens", "3000", "--ignore-eos", "--temperature", "1.0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    lines = []
+    for line in cli.stdout:
+        lines.append(json.loads(line))
+        if len(lines) == 50:
+            holder.proc.send_signal(signal.SIGKILL)  # mid-generation: the pipe holds far fewer than 3000
+    assert cli.wait(60) == 0
+    tokens = [line["token"]["id"] for line in lines if "token" in line]
+    assert "resumed session" in cli.stderr.read()  # the kill interrupted it: it went on elsewhere
+    with Client(target, ClientOptions(timeout=30)) as client:
+        with client.create_session("tiny", seed=21) as reference:
+            assert [
+                t.id for t in reference.generate(max_tokens=3000, ignore_eos=True, temperature=1.0)
+            ] == tokens
