@@ -91,6 +91,9 @@ def test_writes_are_fenced_by_the_epoch(redis_server):
     ]
     assert store.client.lrange(keys(sid)[2], 0, -1) == [b"first", b"new"]  # the stale write left no trace
     assert 0 < store.client.pttl(keys(sid)[1]) <= 60_000  # every key expires a TTL after its last write
+    store.client.pexpire(keys(sid)[1], 1_000)
+    assert store.write([Write("touch", sid, 1, 60_000), Write("touch", sid, 2, 60_000)]) == [False, True]
+    assert store.client.pttl(keys(sid)[1]) > 1_000  # a session held but unchanged lives on
     assert store.write([Write("snapshot", sid, 2, 60_000, b"snap")]) == [True]
     assert store.client.get(keys(sid)[3]) == b"snap" and store.client.llen(keys(sid)[2]) == 0
     assert store.write([Write("delete", sid, 1, 60_000)]) == [False]  # a stale replica cannot delete it

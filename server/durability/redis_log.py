@@ -38,7 +38,8 @@ log = logging.getLogger(__name__)
 WRITE = """
 -- Writes of several sessions, in order. For write i (from 0): KEYS[4i+1..4i+4] are its epoch,
 -- meta, log and snap keys; ARGV[5i+1..5i+5] its op (append, snapshot, delete), epoch, TTL in
--- ms, payload and meta (its first write only). Returns 1 per write done, 0 per stale epoch.
+-- ms, payload and meta (its first write only); ops: append, snapshot, touch (expiry only),
+-- delete. Returns 1 per write done, 0 per stale epoch.
 local done = {}
 for i = 0, #KEYS / 4 - 1 do
   local epoch, meta, log, snap = KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4]
@@ -58,6 +59,8 @@ for i = 0, #KEYS / 4 - 1 do
     end
     if op == 'append' then
       if redis.call('RPUSH', log, payload) == 1 then table.insert(refresh, log) end
+    elseif op == 'touch' then -- held here but unchanged for a while: it lives on
+      refresh = {epoch, meta, log, snap}
     else -- a snapshot covers every record queued before it: the log starts again after it
       redis.call('SET', snap, payload)
       redis.call('DEL', log)
@@ -93,7 +96,7 @@ class Write(NamedTuple):
     """One fenced write of a session: a log record, a snapshot, or its deletion (a tuple: one
     per session per iteration is made on the engine's thread)."""
 
-    op: str  # "append", "snapshot" or "delete"
+    op: str  # "append", "snapshot", "touch" or "delete"
     session_id: str
     epoch: int
     ttl_ms: int

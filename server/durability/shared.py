@@ -12,6 +12,7 @@ session is restored on demand, on the replica that receives a call for it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -163,18 +164,27 @@ class SharedDurability:
         self, sessions: list[Session], state_of: Callable[[Session], bytes | None], min_moved: int
     ) -> list[Snapshot]:
         """Between iterations: snapshots of the sessions that moved, queued at once, so that each
-        follows exactly the records it covers (its write drops the session's log)."""
-        now, taken = time.time(), []
+        follows exactly the records it covers (its write drops the session's log). On the
+        periodic checkpoint (min_moved 1) the others' keys get their expiry pushed back: a
+        session held here, idle under an attached stream, must not expire in Redis."""
+        now, taken, touches = time.time(), [], []
         for s in sessions:
-            if not s.durable or not s.epoch or s.replaying or s.unsnapshotted < min_moved:
+            if not s.durable or not s.epoch or s.replaying:
+                continue
+            if s.unsnapshotted < min_moved:
+                if min_moved == 1:
+                    touches.append(self._write(s, "touch"))
                 continue
             data = snapshot_bytes(s, state_of(s), now)
             try:
                 self.writer.append([self._write(s, "snapshot", data)], [])
             except Unavailable:
-                break  # no snapshots while Redis refuses writes; the log keeps everything
+                return taken  # no snapshots while Redis refuses writes; the log keeps everything
             s.logged = True
             taken.append(Snapshot(s, (s.life, s.state_position), data))
+        if touches:
+            with contextlib.suppress(Unavailable):
+                self.writer.append(touches, [])
         return taken
 
     def write_snapshots(self, taken: list[Snapshot]) -> None:
