@@ -101,7 +101,8 @@ def test_a_full_queue_answers_resource_exhausted(start_server):
 def test_deadline_and_disconnect_release_the_session(server):
     stub = connect(server.target)
     session = create(stub)
-    request = pb.GenerateRequest(session_id=session.id, max_tokens=4000)
+    # past <eos> too: 4000 tokens never end within 0.3 s, whatever the random model samples
+    request = pb.GenerateRequest(session_id=session.id, max_tokens=4000, ignore_eos=True)
     with pytest.raises(grpc.RpcError) as err:
         list(stub.Generate(request, timeout=0.3))
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
