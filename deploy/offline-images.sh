@@ -3,14 +3,19 @@
 # Builds local stand-ins for the public base images that this machine cannot pull:
 #   lstm-serve/python:3.11-bookworm   Debian bookworm + python3, venv, pip, and this host's CA bundle
 #   lstm-serve/prometheus:bookworm    the same + Debian's prometheus (entrypoint /usr/bin/prometheus)
+#   lstm-serve/haproxy:bookworm       the same + Debian's haproxy 2.6 (entrypoint haproxy -W -db -f /usr/local/etc/haproxy/haproxy.cfg)
+#   lstm-serve/redis:bookworm         the same + Debian's redis-server 7.0 (entrypoint redis-server, port 6379, data in /data)
 # Use them with build args / env overrides, e.g.
 #   docker build --build-arg BASE_IMAGE=lstm-serve/python:3.11-bookworm .
-#   PROMETHEUS_IMAGE=lstm-serve/prometheus:bookworm docker-compose up
+#   PROMETHEUS_IMAGE=lstm-serve/prometheus:bookworm HAPROXY_IMAGE=lstm-serve/haproxy:bookworm \
+#     REDIS_IMAGE=lstm-serve/redis:bookworm docker-compose up
 # Needs root, a running Docker engine (dockerd) and debootstrap. Takes about 2 minutes the first time;
-# later calls reuse the images. Exit 0 when both images exist.
+# later calls reuse the images. Exit 0 when all images exist.
 set -euo pipefail
 PY_IMAGE=${PY_IMAGE:-lstm-serve/python:3.11-bookworm}
 PROM_IMAGE=${PROM_IMAGE:-lstm-serve/prometheus:bookworm}
+HAPROXY_IMAGE=${HAPROXY_IMAGE:-lstm-serve/haproxy:bookworm}
+REDIS_IMAGE=${REDIS_IMAGE:-lstm-serve/redis:bookworm}
 have() { docker image inspect "$1" >/dev/null 2>&1; }
 
 if ! docker info >/dev/null 2>&1; then
@@ -41,4 +46,20 @@ DOCKERFILE
   rm -rf "$ctx"
   echo "offline-images: built $PROM_IMAGE"
 fi
-echo "offline-images: $PY_IMAGE and $PROM_IMAGE are ready"
+# debian_image IMAGE PACKAGE ENTRYPOINT-JSON CMD-JSON: the Python base plus one Debian package
+debian_image() {
+  have "$1" && return 0
+  local ctx; ctx=$(mktemp -d /tmp/offline-img.XXXXXX)
+  cat >"$ctx/Dockerfile" <<DOCKERFILE
+FROM $PY_IMAGE
+RUN apt-get update && apt-get install -y --no-install-recommends $2 && rm -rf /var/lib/apt/lists/* && mkdir -p /data /usr/local/etc/haproxy
+ENTRYPOINT $3
+CMD $4
+DOCKERFILE
+  docker build -q -t "$1" "$ctx" >/dev/null
+  rm -rf "$ctx"
+  echo "offline-images: built $1"
+}
+debian_image "$HAPROXY_IMAGE" haproxy '["haproxy", "-W", "-db"]' '["-f", "/usr/local/etc/haproxy/haproxy.cfg"]'
+debian_image "$REDIS_IMAGE" redis-server '["redis-server"]' '["--bind", "0.0.0.0", "--protected-mode", "no", "--dir", "/data", "--appendonly", "yes", "--appendfsync", "always"]'
+echo "offline-images: $PY_IMAGE, $PROM_IMAGE, $HAPROXY_IMAGE and $REDIS_IMAGE are ready"

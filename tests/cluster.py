@@ -1,5 +1,6 @@
 """Real HAProxy and Redis processes for the scale-out tests (tests/test_haproxy.py,
-tests/test_session_store.py, tests/test_scale_out.py)."""
+tests/test_session_store.py, tests/test_scale_out.py), and helpers they share with the deployment
+tests (tests/test_k8s_manifests.py, tests/test_compose_scale.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import redis
 
+from client import StatusError, retry
 from tests.conftest import ROOT
 
 
@@ -31,6 +33,32 @@ def healthz(server) -> int:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
+
+
+def settings_lines(config: str) -> set[str]:
+    """The directives of the defaults and backend sections, addresses left out."""
+    kept, section = set(), ""
+    for line in config.splitlines():
+        text = line.split("#", 1)[0].strip()
+        if text and not line.startswith(" "):
+            section = text.split()[0]
+        elif text and section in ("defaults", "backend") and not text.startswith(("server", "bind")):
+            kept.add(text)
+    return kept
+
+
+def generate_through_faults(session, total: int, tokens: list[int], resumed: list[int]) -> None:
+    """Generate until `tokens` holds `total` new tokens, resuming after every retriable fault
+    (and counting the resumes in `resumed`)."""
+    while len(tokens) < total:
+        try:
+            for token in session.generate(max_tokens=total - len(tokens), ignore_eos=True):
+                tokens.append(token.id)
+        except StatusError as e:
+            if not retry.retriable(e):
+                raise
+            resumed.append(1)
+            tokens += session.resume(deadline=60).missed  # what the server absorbed that we never heard
 
 
 @contextlib.contextmanager

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from server.config import ServeSettings
+from tests.cluster import settings_lines
 from tests.conftest import ROOT
 
 K8S = ROOT / "deploy" / "k8s"
@@ -33,18 +34,6 @@ def ports(service: dict) -> dict[str, int]:
 
 def haproxy_config() -> str:
     return find("ConfigMap", "haproxy")["data"]["haproxy.cfg"]
-
-
-def settings_lines(config: str) -> set[str]:
-    """The directives of the defaults and backend sections, addresses left out."""
-    kept, section = set(), ""
-    for line in config.splitlines():
-        text = line.split("#", 1)[0].strip()
-        if text and not line.startswith(" "):
-            section = text.split()[0]
-        elif text and section in ("defaults", "backend") and not text.startswith(("server", "bind")):
-            kept.add(text)
-    return kept
 
 
 @pytest.mark.parametrize("doc", documents(), ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")

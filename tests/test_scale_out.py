@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from client import Client, ClientOptions, StatusError, retry
+from client import Client, ClientOptions
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
-from tests.cluster import RedisServer, free_port, haproxy
+from tests.cluster import RedisServer, free_port, generate_through_faults, haproxy
 from tests.conftest import ROOT
 from tests.stubs import connect
 
@@ -48,19 +48,6 @@ def held_by(replica) -> set[str]:
     return {s.id for s in connect(replica.target).ListSessions(pb.ListSessionsRequest(), timeout=10).sessions}
 
 
-def generate_through_faults(session, tokens: list[int], resumed: list[int]) -> None:
-    """Generate until the session holds TOKENS new tokens, resuming after every retriable fault."""
-    while len(tokens) < TOKENS:
-        try:
-            for token in session.generate(max_tokens=TOKENS - len(tokens), ignore_eos=True):
-                tokens.append(token.id)
-        except StatusError as e:
-            if not retry.retriable(e):
-                raise
-            resumed.append(1)
-            tokens += session.resume(deadline=60).missed  # what the server absorbed that we never heard
-
-
 def test_a_replica_killed_mid_stream_costs_only_a_resume(cluster):
     target, replicas = cluster
     with Client(target, ClientOptions(timeout=30)) as client:
@@ -73,7 +60,7 @@ def test_a_replica_killed_mid_stream_costs_only_a_resume(cluster):
 
         def run(i: int) -> None:
             try:
-                generate_through_faults(sessions[i], tokens[i], resumed)
+                generate_through_faults(sessions[i], TOKENS, tokens[i], resumed)
             except BaseException as e:  # reported below, with the session's index
                 errors.append(e)
 
