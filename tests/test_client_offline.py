@@ -130,6 +130,7 @@ def test_render():
     info = pb.Session(id="abc", model="tiny", position=7, seed=3, location=pb.SESSION_LOCATION_HOST)
     d = session_dict(info)
     assert (d["id"], d["position"], d["seed"], d["location"], d["created_at"]) == ("abc", 7, 3, "host", None)
+    assert session_dict(pb.Session(location=pb.SESSION_LOCATION_STORE))["location"] == "store"
     assert table(["A", "BB"], [["xxx", 1]]).splitlines() == ["A    BB", "xxx  1"]
 
 

@@ -52,6 +52,11 @@ FINISH_REASONS = {
     FinishReason.FED: pb.FINISH_REASON_FED,
 }
 CELLS = {"lstm": pb.CELL_LSTM, "rnn": pb.CELL_RNN}
+LOCATIONS = {
+    "device": pb.SESSION_LOCATION_DEVICE,
+    "host": pb.SESSION_LOCATION_HOST,
+    "store": pb.SESSION_LOCATION_STORE,
+}
 
 
 # ---- requests -----------------------------------------------------------------------------
@@ -288,7 +293,7 @@ def session_message(session: SessionInfo) -> pb.Session:
         created_at=timestamp(session.created_at),
         expires_at=timestamp(session.expires_at),
         ttl=duration(session.ttl),
-        location=pb.SESSION_LOCATION_DEVICE if session.on_device else pb.SESSION_LOCATION_HOST,
+        location=LOCATIONS[session.location],
         attached=session.attached,
         durable_position=session.durable_position,
     )

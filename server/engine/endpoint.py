@@ -74,7 +74,7 @@ def session_info(session: Session) -> m.SessionInfo:
         session.created_at,
         session.expires_at,
         session.ttl,
-        session.on_device,
+        "device" if session.on_device else "host",
         session.driver is not None,
         session.durable_position,
     )

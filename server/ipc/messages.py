@@ -34,7 +34,7 @@ class SessionInfo(Struct, array_like=True):
     created_at: float  # unix time
     expires_at: float
     ttl: float  # seconds
-    on_device: bool
+    location: str  # "device", "host", or "store" (held by another replica, or by none)
     attached: bool
     durable_position: int
 

@@ -22,6 +22,7 @@ class SessionLocation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SESSION_LOCATION_UNSPECIFIED: _ClassVar[SessionLocation]
     SESSION_LOCATION_DEVICE: _ClassVar[SessionLocation]
     SESSION_LOCATION_HOST: _ClassVar[SessionLocation]
+    SESSION_LOCATION_STORE: _ClassVar[SessionLocation]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -37,6 +38,7 @@ CELL_RNN: Cell
 SESSION_LOCATION_UNSPECIFIED: SessionLocation
 SESSION_LOCATION_DEVICE: SessionLocation
 SESSION_LOCATION_HOST: SessionLocation
+SESSION_LOCATION_STORE: SessionLocation
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_SEQUENCE: FinishReason
