@@ -4,13 +4,15 @@
     lstm:{<id>}:meta    its metadata, JSON (owner, model, version, seed, ttl, created_at)
     lstm:{<id>}:snap    its last snapshot (the bytes of a state dir's .snap file)
     lstm:{<id>}:log     its absorbed tokens since that snapshot: journal TOKENS record bodies
+    lstm:owner:<owner>  the owner's session ids, scored by their expiry (ListSessions, "expired")
 
 A replica holds a session under an epoch: it claims epoch 1 when it creates the session, or
 takes it over (from a replica that died, or that a router no longer sends it to) by bumping
 the epoch atomically with reading its snapshot and log. Every write runs WRITE, which checks
 the epoch first: a replica that lost a session (stopped, partitioned, then back) can never
-write over the new holder's state. Every key expires (PEXPIRE) a TTL after it was last refreshed
-(see WRITE).
+write over the new holder's state. Every key expires a TTL after it was last refreshed (see
+WRITE); the owner's index keeps an expired id a while longer, so that every replica can answer
+"expired" (see INDEX).
 
 The writer sends what the engine queued, in order, as one pipeline per round trip (one
 scheduler iteration's records, or several when Redis is slower than the steps). A token is
@@ -25,6 +27,7 @@ import functools
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -32,22 +35,54 @@ from typing import NamedTuple
 import redis
 
 from server.errors import Unavailable
+from server.sessions.store import EXPIRED_MEMORY
 
 log = logging.getLogger(__name__)
 
-WRITE = """
--- Writes of several sessions, in order. For write i (from 0): KEYS[4i+1..4i+4] are its epoch,
--- meta, log and snap keys; ARGV[5i+1..5i+5] its op (append, snapshot, delete), epoch, TTL in
--- ms, payload and meta (its first write only); ops: append, snapshot, touch (expiry only),
--- delete. Returns 1 per write done, 0 per stale epoch.
+# An owner's index (lstm:owner:<owner>, a sorted set) lists its session ids scored by their
+# expiry time (unix ms): ListSessions reads one owner's ids, not a SCAN over every session of
+# every owner, and the score, kept past the keys' expiry, is how every replica can tell "expired"
+# from "unknown". An expired id stays KEEP_EXPIRED_MS and at most KEEP_EXPIRED per owner (as the
+# local store remembers them); the index itself expires once its last id would be forgotten.
+KEEP_EXPIRED_MS = 24 * 3600 * 1000
+KEEP_EXPIRED = EXPIRED_MEMORY
+CLOCK = """
+local now
+local function clock() -- Redis's time in unix ms: once per call, when needed
+  if not now then local t = redis.call('TIME'); now = t[1] * 1000 + math.floor(t[2] / 1000) end
+  return now
+end
+"""
+INDEX = f"""
+local function index(key, id, expires) -- id in its owner's index, scored by its expiry
+  if redis.call('ZADD', key, expires, id) == 1 then -- a new id: forget the oldest expired ones
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', clock() - {KEEP_EXPIRED_MS})
+    local expired = redis.call('ZCOUNT', key, '-inf', clock())
+    if expired > {KEEP_EXPIRED} then redis.call('ZREMRANGEBYRANK', key, 0, expired - {KEEP_EXPIRED} - 1) end
+  end
+  redis.call('PEXPIREAT', key, expires + {KEEP_EXPIRED_MS}, 'NX')
+  redis.call('PEXPIREAT', key, expires + {KEEP_EXPIRED_MS}, 'GT')
+end
+"""
+
+WRITE = (
+    CLOCK
+    + INDEX
+    + """
+-- Writes of several sessions, in order. For write i (from 0): KEYS[5i+1..5i+5] are its epoch,
+-- meta, log and snap keys and its owner's index; ARGV[6i+1..6i+6] its op, id, epoch, TTL in ms,
+-- payload and meta (its first write only). Ops: append, snapshot, touch (expiry only), delete,
+-- expire (its holder expired it: gone, and "expired" in the index). Returns 1 per write done,
+-- 0 per stale epoch.
 local done = {}
-for i = 0, #KEYS / 4 - 1 do
-  local epoch, meta, log, snap = KEYS[4*i+1], KEYS[4*i+2], KEYS[4*i+3], KEYS[4*i+4]
-  local op, ttl, payload, first = ARGV[5*i+1], ARGV[5*i+3], ARGV[5*i+4], ARGV[5*i+5]
-  if redis.call('GET', epoch) ~= ARGV[5*i+2] then
+for i = 0, #KEYS / 5 - 1 do
+  local epoch, meta, log, snap, owned = KEYS[5*i+1], KEYS[5*i+2], KEYS[5*i+3], KEYS[5*i+4], KEYS[5*i+5]
+  local op, id, ttl, payload, first = ARGV[6*i+1], ARGV[6*i+2], ARGV[6*i+4], ARGV[6*i+5], ARGV[6*i+6]
+  if redis.call('GET', epoch) ~= ARGV[6*i+3] then
     done[i+1] = 0
-  elseif op == 'delete' then
+  elseif op == 'delete' or op == 'expire' then
     redis.call('DEL', epoch, meta, log, snap)
+    if op == 'delete' then redis.call('ZREM', owned, id) else index(owned, id, clock()) end
     done[i+1] = 1
   else
     -- expiry: refreshed by the first write, every snapshot (--snapshot-interval while the
@@ -66,12 +101,17 @@ for i = 0, #KEYS / 4 - 1 do
       redis.call('DEL', log)
       refresh = {epoch, meta, snap}
     end
-    for _, key in ipairs(refresh) do redis.call('PEXPIRE', key, ttl) end
+    if #refresh > 0 then
+      local expires = clock() + ttl
+      for _, key in ipairs(refresh) do redis.call('PEXPIREAT', key, expires) end
+      if first ~= '' or op ~= 'append' then index(owned, id, expires) end -- scored by meta's expiry
+    end
     done[i+1] = 1
   end
 end
 return done
 """
+)
 
 TAKE_OVER = """
 -- KEYS: epoch, meta, log, snap; ARGV: owner. Bumps the epoch and reads the session, atomically.
@@ -81,6 +121,36 @@ local epoch = redis.call('INCR', KEYS[1])
 return {epoch, meta, redis.call('GET', KEYS[4]) or '', redis.call('LRANGE', KEYS[3], 0, -1),
         redis.call('PTTL', KEYS[2])}
 """
+
+LIST = (
+    CLOCK
+    + """
+-- KEYS[1]: an owner's index. Its live sessions, each {id, epoch, meta, meta's PTTL, position}:
+-- the position the store would restore (its last log record's end, else its snapshot's; -1 if
+-- neither says). An id whose keys are gone before its expiry (deleted elsewhere) leaves the
+-- index. The ids' keys are named here, not in KEYS: one Redis, not a Cluster (see above).
+local found = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. clock(), '+inf')) do
+  local base = 'lstm:{' .. id .. '}'
+  local meta = redis.call('GET', base .. ':meta')
+  if not meta then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local position, last = -1, redis.call('LINDEX', base .. ':log', -1)
+    if last then -- a TOKENS record body (journal.py): kind, id (17 bytes), life, start, count
+      local _, start, count = struct.unpack('<I4I8I2', last, 18)
+      position = start + count
+    else -- a snapshot (blob.pack): its header's "position" follows the model and fingerprint
+      local head = redis.call('GETRANGE', base .. ':snap', 0, #meta + 128)
+      position = tonumber(string.match(head, '"position": (%d+)')) or -1
+    end
+    local ttl = redis.call('PTTL', base .. ':meta')
+    table.insert(found, {id, redis.call('GET', base .. ':epoch'), meta, ttl, position})
+  end
+end
+return found
+"""
+)
 
 CHUNK = 256  # writes per WRITE call: a backlog after an outage does not hold Redis in one long script
 FAILURES = (redis.ConnectionError, redis.TimeoutError, redis.ResponseError)
@@ -92,16 +162,34 @@ def keys(session_id: str) -> tuple[str, str, str, str]:
     return f"{base}:epoch", f"{base}:meta", f"{base}:log", f"{base}:snap"
 
 
+@functools.lru_cache(maxsize=1 << 12)
+def index_key(owner: str) -> str:
+    """The owner's index: its session ids, scored by their expiry time (see INDEX)."""
+    return f"lstm:owner:{owner}"
+
+
 class Write(NamedTuple):
     """One fenced write of a session: a log record, a snapshot, or its deletion (a tuple: one
     per session per iteration is made on the engine's thread)."""
 
-    op: str  # "append", "snapshot", "touch" or "delete"
+    op: str  # "append", "snapshot", "touch", "delete" or "expire"
     session_id: str
+    owner: str
     epoch: int
     ttl_ms: int
     payload: bytes = b""
     meta: str = ""  # the session's metadata JSON, on its first write
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A session as the store lists it (LIST)."""
+
+    id: str
+    epoch: int | None
+    meta: dict
+    remaining_ttl: float  # seconds
+    position: int  # what a takeover would restore; -1: unknown
 
 
 @dataclass(frozen=True)
@@ -126,7 +214,7 @@ class RedisSessions:
     def __init__(self, url: str) -> None:
         self.url = url
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
-        self._write_sha = ""
+        self._write_sha = self._list_sha = ""
 
     def check(self) -> None:
         """ConnectionError (and friends) if Redis cannot be reached or does not answer."""
@@ -139,6 +227,26 @@ class RedisSessions:
     def epoch_of(self, session_id: str) -> int | None:
         value = self.client.get(keys(session_id)[0])
         return None if value is None else int(value)
+
+    def expired_at(self, session_id: str, owner: str) -> float | None:
+        """For a session whose keys are gone: when it expired (unix time), if it is the owner's
+        and did lately (a deleted one leaves the index); None if the store does not know it."""
+        score = self.client.zscore(index_key(owner), session_id)
+        return None if score is None else min(score / 1000, time.time())  # Redis's clock may run ahead
+
+    def list(self, owner: str) -> list[Stored]:
+        """The owner's live sessions, one round trip."""
+        if not self._list_sha:
+            self._list_sha = self.client.script_load(LIST)
+        try:
+            found = self.client.evalsha(self._list_sha, 1, index_key(owner))
+        except redis.exceptions.NoScriptError:  # Redis restarted with an empty script cache
+            self._list_sha = ""
+            return self.list(owner)
+        return [
+            Stored(i.decode(), None if e is None else int(e), json.loads(m), max(0, int(t)) / 1000, int(p))
+            for i, e, m, t, p in found
+        ]
 
     def take_over(self, session_id: str, owner: str) -> TakenOver | None:
         """Hold the session under a new epoch and read it; None if it is not `owner`'s."""
@@ -156,9 +264,9 @@ class RedisSessions:
         pipe = self.client.pipeline(transaction=False)
         for start in range(0, len(batch), CHUNK):
             chunk = batch[start : start + CHUNK]
-            names = [key for w in chunk for key in keys(w.session_id)]
-            args = [arg for w in chunk for arg in (w.op, w.epoch, w.ttl_ms, w.payload, w.meta)]
-            pipe.evalsha(self._write_sha, len(names), *names, *args)  # Write's fields are WRITE's ARGV
+            names = [key for w in chunk for key in (*keys(w.session_id), index_key(w.owner))]
+            args = [arg for w in chunk for arg in (w.op, w.session_id, w.epoch, w.ttl_ms, w.payload, w.meta)]
+            pipe.evalsha(self._write_sha, len(names), *names, *args)
         try:
             results = pipe.execute()
         except redis.exceptions.NoScriptError:  # Redis restarted with an empty script cache
@@ -228,7 +336,8 @@ class RedisWriter:
                 raise unreachable(self.sessions.url, e) from e
             with self._lock:
                 recovered, self.failure = self.failure is not None, None
-        fenced = {w.session_id for w, ok in zip(writes, accepted) if not ok and w.op != "delete"}
+        ended = ("delete", "expire")
+        fenced = {w.session_id for w, ok in zip(writes, accepted) if not ok and w.op not in ended}
         marks = [mark for _, ms in batch for mark in ms if mark[0].id not in fenced]
         if marks:
             self._on_durable(marks)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from server.durability.journal import decode_body, tokens_body
-from server.durability.redis_log import RedisSessions, RedisWriter, TakenOver, Write, unreachable
+from server.durability.redis_log import RedisSessions, RedisWriter, Stored, TakenOver, Write, unreachable
 from server.durability.restore import Restored, extend, from_snapshot
 from server.durability.state_dir import Marks, Snapshot, StateDirError, snapshot_bytes
 from server.errors import Unavailable
@@ -98,7 +98,7 @@ class SharedDurability:
 
     def _write(self, session: Session, op: str, payload: bytes = b"") -> Write:
         meta = "" if session.logged else meta_json(session)
-        return Write(op, session.id, session.epoch, int(session.ttl * 1000), payload, meta)
+        return Write(op, session.id, session.owner, session.epoch, int(session.ttl * 1000), payload, meta)
 
     # ---- the hooks of state_dir.Durability -----------------------------------------------------
 
@@ -116,11 +116,12 @@ class SharedDurability:
         self.writer.append(writes, marks)
         self._marks.recorded(entries)
 
-    def deleted(self, session: Session) -> None:
-        """A session ended (expiry, a failed creation): best effort."""
+    def deleted(self, session: Session, expired: bool = False) -> None:
+        """A session ended (expiry, a failed creation): best effort. An expired one stays known
+        as expired to every replica (redis_log.INDEX)."""
         if session.durable and session.epoch:
             try:
-                self.writer.append([self._write(session, "delete")], [])
+                self.writer.append([self._write(session, "expire" if expired else "delete")], [])
             except Unavailable as e:
                 log.warning(
                     "session %s: its deletion is not in the store (%s); it expires there", session.id, e
@@ -218,6 +219,18 @@ class SharedDurability:
     def epoch_of(self, session_id: str) -> int | None:
         try:
             return self.sessions.epoch_of(session_id)
+        except Exception as e:
+            raise unreachable(self.sessions.url, e) from e
+
+    def expired_at(self, session_id: str, owner: str) -> float | None:
+        try:
+            return self.sessions.expired_at(session_id, owner)
+        except Exception as e:
+            raise unreachable(self.sessions.url, e) from e
+
+    def list(self, owner: str) -> list[Stored]:
+        try:
+            return self.sessions.list(owner)
         except Exception as e:
             raise unreachable(self.sessions.url, e) from e
 

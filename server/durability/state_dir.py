@@ -218,8 +218,9 @@ class Durability:
         self.wal.append(records, marks)
         self._marks.recorded(entries)
 
-    def deleted(self, session: Session) -> None:
-        """A session ended (expiry, a failed creation, a temporary one): best effort."""
+    def deleted(self, session: Session, expired: bool = False) -> None:
+        """A session ended (expiry, a failed creation, a temporary one): best effort. (`expired`
+        matters to a shared store only: here the server remembers expired ids itself.)"""
         if not session.durable or self.mode == "none":
             return
         if self.wal is not None and session.logged:

@@ -20,6 +20,7 @@ import numpy as np
 
 from server import tokenizer
 from server.config import ServeSettings
+from server.durability.redis_log import Stored
 from server.durability.shared import SharedDurability
 from server.durability.state_dir import Durability
 from server.engine.ownership import Ownership
@@ -196,8 +197,12 @@ class Engine:
         if self.ownership is not None:
             await self.ownership.claim(session)
 
-    def list_sessions(self, principal: Principal) -> list[Session]:
-        return self.store.owned_by(principal.name)
+    async def list_sessions(self, principal: Principal) -> tuple[list[Session], list[Stored]]:
+        """The caller's sessions held here; with a shared session store, also those held by
+        another server or by none, as the store has them (ownership.py)."""
+        if self.ownership is not None:
+            return await self.ownership.list_sessions(principal)
+        return self.store.owned_by(principal.name), []
 
     async def create_session(
         self,
@@ -455,7 +460,7 @@ class Engine:
                 f"router sends the call there"
             )
         else:
-            self.durability.deleted(session)
+            self.durability.deleted(session, expired=reason == "expired")
             error = NotFound(f"session {session.id} was {'deleted' if reason == 'deleted' else reason}")
         if session.driver is not None:
             session.driver.end(error)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from server.durability.redis_log import Stored
 from server.engine.core import Engine
 from server.engine.registry import ModelRuntime
 from server.errors import ServeError
@@ -77,6 +79,25 @@ def session_info(session: Session) -> m.SessionInfo:
         "device" if session.on_device else "host",
         session.driver is not None,
         session.durable_position,
+    )
+
+
+def stored_info(stored: Stored, now: float) -> m.SessionInfo:
+    """A session held by another server, or by none, as the shared store has it: at the
+    position a call here would restore it to."""
+    meta, position = stored.meta, max(0, stored.position)
+    return m.SessionInfo(
+        stored.id,
+        meta["model"],
+        meta["version"],
+        meta["seed"],
+        position,
+        meta["created_at"],
+        now + stored.remaining_ttl,
+        meta["ttl"],
+        "store",
+        False,
+        position,
     )
 
 
@@ -254,7 +275,10 @@ class EngineEndpoint:
                 tokens = session.tokens_after(after) if after is not None else []
                 return m.Reply(message.call, session_info(session), tokens=tokens)
             case m.ListSessions():
-                return m.Reply(message.call, sessions=[session_info(s) for s in engine.list_sessions(p)])
+                held, elsewhere = await engine.list_sessions(p)
+                now = time.time()
+                sessions = [session_info(s) for s in held] + [stored_info(s, now) for s in elsewhere]
+                return m.Reply(message.call, sessions=sorted(sessions, key=lambda s: s.created_at))
             case m.DeleteSession(session_id=session_id):
                 await engine.delete_session(p, session_id)
                 return m.Reply(message.call)

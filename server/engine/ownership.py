@@ -8,6 +8,10 @@ bumps the epoch and hands back the snapshot and the log, which are replayed thro
 per-token step). A write the store refuses (another server bumped the epoch meanwhile) also
 lets the copy go. A copy that is let go ends its stream with UNAVAILABLE ("now held by another
 server"): the client's resume() retries, and the router sends it where the session now lives.
+
+Every server gives the same answers about sessions it does not hold: ListSessions lists the
+caller's sessions from the store too (those held elsewhere, or nowhere, with location STORE),
+and a call about a session that expired in the store says "expired" (redis_log.INDEX).
 """
 
 from __future__ import annotations
@@ -16,11 +20,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from server.durability.redis_log import Stored
 from server.durability.shared import SharedDurability
 from server.engine.persistence import Persistence
 from server.errors import AlreadyExists
 from server.sessions.principal import Principal
-from server.sessions.store import ID_PATTERN, Session, SessionStore
+from server.sessions.store import ID_PATTERN, Session, SessionStore, expired
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +68,25 @@ class Ownership:
             if local.epoch == epoch:
                 return
             self._end(local, "moved")  # another server took it over since: this copy is stale
-        if epoch is None:
+        if epoch is None:  # unknown, deleted, or expired: the owner's index knows which
+            expired_at = await asyncio.to_thread(self.shared.expired_at, session_id, principal.name)
+            if expired_at is not None:
+                raise expired(session_id, expired_at)
             return
         taken = await asyncio.to_thread(self.shared.take_over, session_id, principal.name)
         if taken is not None:
             found, epoch = taken
             await self.persistence.take_over(found, epoch)
             log.info("session %s taken over under epoch %d", session_id, epoch)
+
+    async def list_sessions(self, principal: Principal) -> tuple[list[Session], list[Stored]]:
+        """The caller's sessions held here, and the others the store has (one round trip, off
+        the event loop). A copy here whose epoch the store has moved past is another server's."""
+        stored = await asyncio.to_thread(self.shared.list, principal.name)
+        epochs = {s.id: s.epoch for s in stored}
+        held = [s for s in self.store.owned_by(principal.name) if epochs.get(s.id, s.epoch) == s.epoch]
+        here = {s.id for s in held}
+        return held, [s for s in stored if s.id not in here]
 
     async def claim(self, session: Session) -> None:
         """Epoch 1 for a new durable session; ALREADY_EXISTS if the store knows its id (another

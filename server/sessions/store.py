@@ -114,6 +114,12 @@ class Session:
         return self.history[len(self.history) - (self.state_position - position) :]
 
 
+def expired(session_id: str, expired_at: float) -> NotFound:
+    """The answer about a session that expired at `expired_at` (unix time)."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expired_at))
+    return NotFound(f"session {session_id} expired at {when} (idle past its TTL); create a new one")
+
+
 class SessionStore:
     def __init__(self, max_sessions: int, default_ttl: float, max_ttl: float) -> None:
         self.max_sessions = max_sessions
@@ -187,8 +193,7 @@ class SessionStore:
             return session
         expired_at = self._expired.get(f"{owner}/{session_id}")
         if expired_at is not None:
-            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expired_at))
-            raise NotFound(f"session {session_id} expired at {when} (idle past its TTL); create a new one")
+            raise expired(session_id, expired_at)
         raise NotFound(f"session {session_id} not found")
 
     def find(self, session_id: str) -> Session | None:

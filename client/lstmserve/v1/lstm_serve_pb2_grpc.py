@@ -120,7 +120,8 @@ class LstmServeServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """The caller's own sessions.
+        """The caller's own sessions; with a shared session store, on every replica: those held
+        elsewhere, or nowhere, have location STORE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
