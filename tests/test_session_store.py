@@ -19,6 +19,7 @@ import pytest
 
 from client import Client, ClientOptions, StatusError
 from client.lstmserve.v1 import lstm_serve_pb2 as pb
+from server.durability import redis_log
 from server.durability.journal import tokens_body
 from server.durability.redis_log import RedisSessions, Write, index_key, keys
 from server.durability.shared import SNAPSHOT_TOKENS
@@ -110,7 +111,8 @@ def test_writes_are_fenced_by_the_epoch(redis_server):
     assert store.client.exists(*keys(sid)) == 0
 
 
-def test_an_owners_index_lists_live_sessions_and_remembers_expired_ones(redis_server):
+def test_an_owners_index_lists_live_sessions_and_remembers_expired_ones(redis_server, monkeypatch):
+    monkeypatch.setattr(redis_log, "LIST_PAGE", 2)  # alice's sessions take two pages
     store, (a, b, c, d) = RedisSessions(redis_server.url), ("a1" * 16, "b2" * 16, "c3" * 16, "d4" * 16)
 
     def meta(sid: str, owner: str) -> str:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import msgspec
 import redis
 
 from server.errors import Unavailable
@@ -70,19 +71,20 @@ WRITE = (
     + INDEX
     + """
 -- Writes of several sessions, in order. For write i (from 0): KEYS[5i+1..5i+5] are its epoch,
--- meta, log and snap keys and its owner's index; ARGV[6i+1..6i+6] its op, id, epoch, TTL in ms,
+-- meta, log and snap keys and its owner's index; ARGV[5i+1..5i+5] its op, epoch, TTL in ms,
 -- payload and meta (its first write only). Ops: append, snapshot, touch (expiry only), delete,
 -- expire (its holder expired it: gone, and "expired" in the index). Returns 1 per write done,
 -- 0 per stale epoch.
+local function id_of(epoch) return string.sub(epoch, 7, -8) end -- lstm:{<id>}:epoch
 local done = {}
 for i = 0, #KEYS / 5 - 1 do
   local epoch, meta, log, snap, owned = KEYS[5*i+1], KEYS[5*i+2], KEYS[5*i+3], KEYS[5*i+4], KEYS[5*i+5]
-  local op, id, ttl, payload, first = ARGV[6*i+1], ARGV[6*i+2], ARGV[6*i+4], ARGV[6*i+5], ARGV[6*i+6]
-  if redis.call('GET', epoch) ~= ARGV[6*i+3] then
+  local op, ttl, payload, first = ARGV[5*i+1], ARGV[5*i+3], ARGV[5*i+4], ARGV[5*i+5]
+  if redis.call('GET', epoch) ~= ARGV[5*i+2] then
     done[i+1] = 0
   elseif op == 'delete' or op == 'expire' then
     redis.call('DEL', epoch, meta, log, snap)
-    if op == 'delete' then redis.call('ZREM', owned, id) else index(owned, id, clock()) end
+    if op == 'delete' then redis.call('ZREM', owned, id_of(epoch)) else index(owned, id_of(epoch), clock()) end
     done[i+1] = 1
   else
     -- expiry: refreshed by the first write, every snapshot (--snapshot-interval while the
@@ -104,7 +106,7 @@ for i = 0, #KEYS / 5 - 1 do
     if #refresh > 0 then
       local expires = clock() + ttl
       for _, key in ipairs(refresh) do redis.call('PEXPIREAT', key, expires) end
-      if first ~= '' or op ~= 'append' then index(owned, id, expires) end -- scored by meta's expiry
+      if first ~= '' or op ~= 'append' then index(owned, id_of(epoch), expires) end -- scored by meta's expiry
     end
     done[i+1] = 1
   end
@@ -122,33 +124,61 @@ return {epoch, meta, redis.call('GET', KEYS[4]) or '', redis.call('LRANGE', KEYS
         redis.call('PTTL', KEYS[2])}
 """
 
-LIST = (
-    CLOCK
-    + """
--- KEYS[1]: an owner's index. Its live sessions, each {id, epoch, meta, meta's PTTL, position}:
--- the position the store would restore (its last log record's end, else its snapshot's; -1 if
--- neither says). An id whose keys are gone before its expiry (deleted elsewhere) leaves the
--- index. The ids' keys are named here, not in KEYS: one Redis, not a Cluster (see above).
-local found = {}
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. clock(), '+inf')) do
+READ = """
+-- A session of an owner's index, if it lives: {id, epoch, meta, meta's PTTL, position}, the
+-- position the store would restore (its last log record's end, else its snapshot's; -1 if
+-- neither says). An id whose keys are gone before its expiry (deleted, not by us) leaves the
+-- index. The keys are named here, not in KEYS: one Redis, not a Cluster (see above).
+local function read(owned, id)
   local base = 'lstm:{' .. id .. '}'
   local meta = redis.call('GET', base .. ':meta')
   if not meta then
-    redis.call('ZREM', KEYS[1], id)
-  else
-    local position, last = -1, redis.call('LINDEX', base .. ':log', -1)
-    if last then -- a TOKENS record body (journal.py): kind, id (17 bytes), life, start, count
-      local _, start, count = struct.unpack('<I4I8I2', last, 18)
-      position = start + count
-    else -- a snapshot (blob.pack): its header's "position" follows the model and fingerprint
-      local head = redis.call('GETRANGE', base .. ':snap', 0, #meta + 128)
-      position = tonumber(string.match(head, '"position": (%d+)')) or -1
-    end
-    local ttl = redis.call('PTTL', base .. ':meta')
-    table.insert(found, {id, redis.call('GET', base .. ':epoch'), meta, ttl, position})
+    if tonumber(redis.call('ZSCORE', owned, id) or 0) > clock() then redis.call('ZREM', owned, id) end
+    return nil
   end
+  local position, last = -1, redis.call('LINDEX', base .. ':log', -1)
+  if last then -- a TOKENS record body (journal.py): kind, id (17 bytes), life, start, count
+    local _, start, count = struct.unpack('<I4I8I2', last, 18)
+    position = start + count
+  else -- a snapshot (blob.pack): its header's "position" follows the model and fingerprint
+    local head = redis.call('GETRANGE', base .. ':snap', 0, #meta + 128)
+    position = tonumber(string.match(head, '"position": (%d+)')) or -1
+  end
+  return {id, redis.call('GET', base .. ':epoch'), meta, redis.call('PTTL', base .. ':meta'), position}
 end
-return found
+local function read_all(owned, ids)
+  local found = {}
+  for _, id in ipairs(ids) do
+    local session = read(owned, id)
+    if session then table.insert(found, session) end
+  end
+  return found
+end
+"""
+
+# A Lua call blocks Redis, every replica's writes included, so a long list is read in pages:
+# LIST reads the first LIST_PAGE sessions and returns the other ids, LIST_MORE reads those
+# (one pipeline). At most two round trips; one for an owner with up to LIST_PAGE sessions.
+LIST_PAGE = 256
+LIST = (
+    CLOCK
+    + READ
+    + """
+-- KEYS[1]: an owner's index; ARGV[1]: LIST_PAGE. {its first live sessions, the other live ids}.
+local ids, rest = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. clock(), '+inf'), {}
+for i = tonumber(ARGV[1]) + 1, #ids do
+  table.insert(rest, ids[i])
+  ids[i] = nil
+end
+return {read_all(KEYS[1], ids), rest}
+"""
+)
+LIST_MORE = (
+    CLOCK
+    + READ
+    + """
+-- KEYS[1]: an owner's index; ARGV: ids of it. Those that live.
+return read_all(KEYS[1], ARGV)
 """
 )
 
@@ -162,10 +192,15 @@ def keys(session_id: str) -> tuple[str, str, str, str]:
     return f"{base}:epoch", f"{base}:meta", f"{base}:log", f"{base}:snap"
 
 
-@functools.lru_cache(maxsize=1 << 12)
 def index_key(owner: str) -> str:
     """The owner's index: its session ids, scored by their expiry time (see INDEX)."""
     return f"lstm:owner:{owner}"
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def write_keys(session_id: str, owner: str) -> tuple[str, str, str, str, str]:
+    """A write's KEYS (see WRITE)."""
+    return *keys(session_id), index_key(owner)
 
 
 class Write(NamedTuple):
@@ -214,7 +249,7 @@ class RedisSessions:
     def __init__(self, url: str) -> None:
         self.url = url
         self.client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
-        self._write_sha = self._list_sha = ""
+        self._shas: dict[str, str] = {}  # script -> its SHA1, once loaded
 
     def check(self) -> None:
         """ConnectionError (and friends) if Redis cannot be reached or does not answer."""
@@ -234,18 +269,27 @@ class RedisSessions:
         score = self.client.zscore(index_key(owner), session_id)
         return None if score is None else min(score / 1000, time.time())  # Redis's clock may run ahead
 
+    def _sha(self, script: str) -> str:
+        if script not in self._shas:
+            self._shas[script] = self.client.script_load(script)
+        return self._shas[script]
+
     def list(self, owner: str) -> list[Stored]:
-        """The owner's live sessions, one round trip."""
-        if not self._list_sha:
-            self._list_sha = self.client.script_load(LIST)
+        """The owner's live sessions (see LIST_PAGE)."""
+        key = index_key(owner)
         try:
-            found = self.client.evalsha(self._list_sha, 1, index_key(owner))
+            first, rest = self.client.evalsha(self._sha(LIST), 1, key, LIST_PAGE)
+            pipe = self.client.pipeline(transaction=False)
+            for start in range(0, len(rest), LIST_PAGE):
+                pipe.evalsha(self._sha(LIST_MORE), 1, key, *rest[start : start + LIST_PAGE])
+            pages = pipe.execute() if rest else []
         except redis.exceptions.NoScriptError:  # Redis restarted with an empty script cache
-            self._list_sha = ""
+            self._shas.clear()
             return self.list(owner)
         return [
-            Stored(i.decode(), None if e is None else int(e), json.loads(m), max(0, int(t)) / 1000, int(p))
-            for i, e, m, t, p in found
+            Stored(i.decode(), None if e is None else int(e), msgspec.json.decode(m), max(0, t) / 1000, p)
+            for page in (first, *pages)
+            for i, e, m, t, p in page
         ]
 
     def take_over(self, session_id: str, owner: str) -> TakenOver | None:
@@ -259,18 +303,17 @@ class RedisSessions:
     def write(self, batch: list[Write]) -> list[bool]:
         """One round trip: every write of `batch` in order (WRITE calls of up to CHUNK writes,
         pipelined); False where the epoch had moved on."""
-        if not self._write_sha:
-            self._write_sha = self.client.script_load(WRITE)
+        sha = self._sha(WRITE)
         pipe = self.client.pipeline(transaction=False)
         for start in range(0, len(batch), CHUNK):
             chunk = batch[start : start + CHUNK]
-            names = [key for w in chunk for key in (*keys(w.session_id), index_key(w.owner))]
-            args = [arg for w in chunk for arg in (w.op, w.session_id, w.epoch, w.ttl_ms, w.payload, w.meta)]
-            pipe.evalsha(self._write_sha, len(names), *names, *args)
+            names = [key for w in chunk for key in write_keys(w.session_id, w.owner)]
+            args = [arg for w in chunk for arg in (w.op, w.epoch, w.ttl_ms, w.payload, w.meta)]
+            pipe.evalsha(sha, len(names), *names, *args)
         try:
             results = pipe.execute()
         except redis.exceptions.NoScriptError:  # Redis restarted with an empty script cache
-            self._write_sha = ""
+            self._shas.clear()
             return self.write(batch)
         return [bool(done) for chunk in results for done in chunk]
 
