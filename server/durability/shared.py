@@ -118,7 +118,7 @@ class SharedDurability:
 
     def deleted(self, session: Session, expired: bool = False) -> None:
         """A session ended (expiry, a failed creation): best effort. An expired one stays known
-        as expired to every replica (redis_log.INDEX)."""
+        as expired to every replica (redis_scripts.INDEX)."""
         if session.durable and session.epoch:
             try:
                 self.writer.append([self._write(session, "expire" if expired else "delete")], [])

@@ -11,7 +11,7 @@ server"): the client's resume() retries, and the router sends it where the sessi
 
 Every server gives the same answers about sessions it does not hold: ListSessions lists the
 caller's sessions from the store too (those held elsewhere, or nowhere, with location STORE),
-and a call about a session that expired in the store says "expired" (redis_log.INDEX).
+and a call about a session that expired in the store says "expired" (redis_scripts.INDEX).
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ class Ownership:
             log.info("session %s taken over under epoch %d", session_id, epoch)
 
     async def list_sessions(self, principal: Principal) -> tuple[list[Session], list[Stored]]:
-        """The caller's sessions held here, and the others the store has (one round trip, off
-        the event loop). A copy here whose epoch the store has moved past is another server's."""
+        """The caller's sessions held here, and the others the store has (read off the event
+        loop: redis_log.RedisSessions.list). A copy here whose epoch the store has moved past is
+        another server's."""
         stored = await asyncio.to_thread(self.shared.list, principal.name)
         epochs = {s.id: s.epoch for s in stored}
         held = [s for s in self.store.owned_by(principal.name) if epochs.get(s.id, s.epoch) == s.epoch]
