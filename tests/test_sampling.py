@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from server.sampling import SamplingParams, sample, sample_one, uniform
+from server.sampling import SMALL_BATCH, SamplingParams, sample, sample_one, uniform
 
 
 def batch_sample(logits, seeds, positions, temperature=1.0, top_k=0, top_p=1.0):
@@ -17,6 +17,21 @@ def test_noise_is_a_function_of_seed_and_position_only():
     b = uniform(np.array([6, 5]), np.array([10, 10]))
     assert a[0] == b[1] and a[2] == b[0]
     assert len(set(a.tolist())) == 3
+
+
+def test_small_batches_hash_python_ints_to_the_same_bits():
+    rng = np.random.default_rng(7)
+    seeds = rng.integers(-(2**63), 2**63 - 1, 4000, dtype=np.int64)
+    positions = rng.integers(0, 2**63 - 1, 4000, dtype=np.int64)
+    positions[:8] = [0, 1, 2**32 - 1, 2**32, 2**40, 2**53, 2**62, 2**63 - 1]
+    arrays = uniform(seeds, positions)  # more rows than SMALL_BATCH: the numpy path
+    rows = np.concatenate(
+        [
+            uniform(seeds[i : i + SMALL_BATCH], positions[i : i + SMALL_BATCH])
+            for i in range(0, 4000, SMALL_BATCH)
+        ]
+    )
+    assert np.array_equal(arrays.view(np.uint64), rows.view(np.uint64))
 
 
 def test_noise_is_uniform_in_the_open_interval():

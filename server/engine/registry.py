@@ -144,8 +144,10 @@ class ModelRegistry:
         def on_iteration(stats: StepStats) -> None:
             step_hist.observe(stats.seconds)
             batch_hist.observe(stats.rows)
-            fed.inc(stats.fed)
-            generated.inc(stats.generated)
+            if stats.fed:  # each update of a multiprocess metric writes its mmap'd file
+                fed.inc(stats.fed)
+            if stats.generated:
+                generated.inc(stats.generated)
             for wait in stats.queue_wait:
                 wait_hist.observe(wait)
 
