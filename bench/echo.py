@@ -8,6 +8,12 @@ answers `max_tokens` token events and a finished event at once, the same sizes a
 serialization as the real service, with nothing else to do. The client runs N concurrent
 streams doing exactly that and reports tokens/s as JSON. Two processes, as in the real
 benchmark, so the pair measures what grpc.aio itself costs on this machine.
+
+`server --paced` delivers tokens as a serving front end must: an iteration gives one token to
+every stream waiting for one, through that stream's queue, as a scheduler iteration steps every
+ready row (an engine that costs nothing, one frame per iteration).
+Each message then costs a wake-up of its stream's task besides grpc's own work, and writes
+no longer follow each other on one stream: bench/serving_gap.py compares the two.
 """
 
 from __future__ import annotations
@@ -26,8 +32,34 @@ from client.lstmserve.v1 import lstm_serve_pb2 as pb  # noqa: E402
 from client.lstmserve.v1 import lstm_serve_pb2_grpc as pb_grpc  # noqa: E402
 
 
+class Pacer:
+    """A free engine: each iteration puts one token in the queue of every stream waiting for one."""
+
+    def __init__(self) -> None:
+        self.waiting: list[asyncio.Queue] = []  # streams that want a token this iteration
+        self.taken = asyncio.Event()
+        self.task = asyncio.get_running_loop().create_task(self.run())  # held: the loop keeps weak refs
+
+    def want(self, queue: asyncio.Queue) -> None:
+        self.waiting.append(queue)
+        self.taken.set()
+
+    async def run(self) -> None:
+        while True:
+            await self.taken.wait()
+            self.taken.clear()
+            await asyncio.sleep(0)  # let the other streams ask for this iteration's token
+            rows, self.waiting = self.waiting, []
+            for queue in rows:
+                queue.put_nowait(None)
+
+
 class EchoServicer(pb_grpc.LstmServeServiceServicer):
+    def __init__(self, pacer: Pacer | None) -> None:
+        self.pacer = pacer
+
     async def Stream(self, requests, context):
+        queue: asyncio.Queue = asyncio.Queue()
         position = 1
         async for request in requests:
             kind = request.WhichOneof("kind")
@@ -37,6 +69,9 @@ class EchoServicer(pb_grpc.LstmServeServiceServicer):
                 )
             elif kind == "generate":
                 for _ in range(request.generate.max_tokens):
+                    if self.pacer is not None:
+                        self.pacer.want(queue)
+                        await queue.get()
                     position += 1
                     token = pb.Token(id=101, text="e", logprob=-1.2345678, position=position)
                     yield pb.StreamResponse(request_id=request.request_id, token=token)
@@ -48,9 +83,10 @@ class EchoServicer(pb_grpc.LstmServeServiceServicer):
                 yield pb.StreamResponse(request_id=request.request_id, finished=finished)
 
 
-async def serve(port: int) -> None:
+async def serve(port: int, paced: bool) -> None:
     server = grpc.aio.server()
-    pb_grpc.add_LstmServeServiceServicer_to_server(EchoServicer(), server)
+    pacer = Pacer() if paced else None
+    pb_grpc.add_LstmServeServiceServicer_to_server(EchoServicer(pacer), server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"listening on 127.0.0.1:{bound}", flush=True)
@@ -106,6 +142,7 @@ def main() -> None:
     modes = parser.add_subparsers(dest="mode", required=True)
     s = modes.add_parser("server")
     s.add_argument("--port", type=int, default=0)
+    s.add_argument("--paced", action="store_true", help="one token per stream per iteration, through queues")
     c = modes.add_parser("client")
     c.add_argument("--target", required=True)
     c.add_argument("--sessions", type=int, default=64)
@@ -113,7 +150,7 @@ def main() -> None:
     c.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
     if args.mode == "server":
-        asyncio.run(serve(args.port))
+        asyncio.run(serve(args.port, args.paced))
     else:
         print(json.dumps(asyncio.run(load(args.target, args.sessions, args.duration, args.max_tokens))))
 
