@@ -1,7 +1,7 @@
 """The transport's limit: a bare grpc.aio bidirectional stream with no model behind it.
 
     python bench/echo.py server --port 0            # prints "listening on 127.0.0.1:PORT"
-    python bench/echo.py client --target HOST:PORT --sessions 64 --duration 10 --max-tokens 64
+    python bench/echo.py client --target HOST:PORT --sessions 64 --duration 10 --max-tokens 64 [--connections 16]
 
 The server speaks lstm-serve's own messages: for each `generate` request on a Stream it
 answers `max_tokens` token events and a finished event at once, the same sizes and
@@ -118,17 +118,28 @@ async def stream_worker(stub, deadline: float, max_tokens: int, counts: list[int
     call.cancel()
 
 
-async def load(target: str, sessions: int, duration: float, max_tokens: int) -> dict:
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.LstmServeServiceStub(channel)
-        counts = [0]
-        start = time.perf_counter()
+async def load(target: str, sessions: int, duration: float, max_tokens: int, connections: int) -> dict:
+    """`sessions` streams over `connections` HTTP/2 connections (round robin), as `lstm-client
+    bench --connections` spreads them: per-message costs depend on how many share one."""
+    own = [("grpc.use_local_subchannel_pool", 1)] if connections > 1 else []
+    channels = [grpc.aio.insecure_channel(target, options=own) for _ in range(connections)]
+    stubs = [pb_grpc.LstmServeServiceStub(channel) for channel in channels]
+    counts = [0]
+    start = time.perf_counter()
+    try:
         await asyncio.gather(
-            *(stream_worker(stub, start + duration, max_tokens, counts) for _ in range(sessions))
+            *(
+                stream_worker(stubs[i % connections], start + duration, max_tokens, counts)
+                for i in range(sessions)
+            )
         )
         elapsed = time.perf_counter() - start
+    finally:
+        for channel in channels:
+            await channel.close()
     return {
         "sessions": sessions,
+        "connections": connections,
         "duration_s": elapsed,
         "tokens": counts[0],
         "tokens_per_s": counts[0] / elapsed,
@@ -148,11 +159,20 @@ def main() -> None:
     c.add_argument("--sessions", type=int, default=64)
     c.add_argument("--duration", type=float, default=10.0)
     c.add_argument("--max-tokens", type=int, default=64)
+    c.add_argument(
+        "--connections", type=int, default=1, help="HTTP/2 connections the streams are spread over"
+    )
     args = parser.parse_args()
     if args.mode == "server":
         asyncio.run(serve(args.port, args.paced))
     else:
-        print(json.dumps(asyncio.run(load(args.target, args.sessions, args.duration, args.max_tokens))))
+        print(
+            json.dumps(
+                asyncio.run(
+                    load(args.target, args.sessions, args.duration, args.max_tokens, args.connections)
+                )
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -100,7 +100,10 @@ def run(
     report = {"machine": machine(), "sessions": sessions, "duration_s": duration, "runs": []}
     report["load_processes"] = processes
     print("machine:", json.dumps(report["machine"]), file=sys.stderr)
-    report["transport_limit_tokens_per_s"] = transport = transport_limit([sessions], duration, 64)[sessions]
+    connections = min(sessions, 16)  # as many as each load generator spreads its sessions over
+    report["transport_limit_tokens_per_s"] = transport = transport_limit(
+        [sessions], duration, 64, connections
+    )[sessions]
     for k in frontends:
         print(f"frontends {k}: {sessions} sessions", file=sys.stderr)
         proc, target = serve(k, ROOT / "models", out.with_name("frontends_server.log"))

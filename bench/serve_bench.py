@@ -15,7 +15,9 @@ process) at each session count, then measures in the same run:
       token-sized lstm-serve messages with no model behind them;
   (c) no batching: the same server with --max-batch-size 1.
 e2e is compared with a·b/(a+b), what the machine allows when the model and the transport share
-its cores perfectly. Prints tables and the ratios, writes JSON (bench/results/serve_bench.json by default).
+its cores perfectly. e2e and (b) spread their streams over the same number of HTTP/2
+connections (`--connections`, default 1: per-message costs grow with the connections, 15% at
+64 sessions over 16 here); bench/serving_gap.py splits the distance into each process's part. Prints tables and the ratios, writes JSON (bench/results/serve_bench.json by default).
 """
 
 from __future__ import annotations
@@ -149,7 +151,13 @@ def serve(models_dir: Path, threads: int, extra: list[str]) -> tuple[subprocess.
 
 
 def client_bench(
-    target: str, model: str, sessions: int, duration: float, max_tokens: int, stream_interval: int = 1
+    target: str,
+    model: str,
+    sessions: int,
+    duration: float,
+    max_tokens: int,
+    stream_interval: int = 1,
+    connections: int = 1,
 ) -> dict:
     out = subprocess.run(
         [
@@ -171,6 +179,8 @@ def client_bench(
             "1",
             "--stream-interval",
             str(stream_interval),
+            "--connections",
+            str(min(connections, sessions)),
         ],
         capture_output=True,
         text=True,
@@ -179,8 +189,11 @@ def client_bench(
     return json.loads(out.stdout)
 
 
-def transport_limit(batch_sizes: list[int], duration: float, max_tokens: int) -> dict[int, float]:
-    """(b) tokens/s of bench/echo.py's bare grpc.aio pair."""
+def transport_limit(
+    batch_sizes: list[int], duration: float, max_tokens: int, connections: int = 1
+) -> dict[int, float]:
+    """(b) tokens/s of bench/echo.py's bare grpc.aio pair, the streams over as many connections
+    as the e2e run's."""
     echo = str(ROOT / "bench/echo.py")
     server, target = start([sys.executable, echo, "server"])
     try:
@@ -199,6 +212,8 @@ def transport_limit(batch_sizes: list[int], duration: float, max_tokens: int) ->
                     str(duration),
                     "--max-tokens",
                     str(max_tokens),
+                    "--connections",
+                    str(min(connections, n)),
                 ],
                 capture_output=True,
                 text=True,
@@ -235,6 +250,12 @@ def main() -> None:
         default=1,
         help="tokens per message (the transport limit (b) is then per message: a*N*b/(a+N*b) is the bound)",
     )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="HTTP/2 connections the sessions are spread over, in e2e and (b) alike (default: 1)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/serve_bench.json")
     parser.add_argument(
         "--frontends",
@@ -253,7 +274,7 @@ def main() -> None:
     report = {"machine": machine(), "settings": vars(args) | {"out": str(args.out)}, "models": {}}
     print("machine:", json.dumps(report["machine"]), file=sys.stderr)
 
-    transport = transport_limit(args.sessions, args.duration, args.max_tokens)
+    transport = transport_limit(args.sessions, args.duration, args.max_tokens, args.connections)
     with tempfile.TemporaryDirectory() as tmp:
         for name, path in prepare_models(Path(tmp), args.models).items():
             limit = step_limit(path, args.sessions, args.threads, backend_of(name))
@@ -268,7 +289,13 @@ def main() -> None:
                     for n in counts:
                         print(f"{name}: {batching}, {n} sessions", file=sys.stderr)
                         rows.setdefault(n, {})[batching] = client_bench(
-                            target, name, n, args.duration, args.max_tokens, args.stream_interval
+                            target,
+                            name,
+                            n,
+                            args.duration,
+                            args.max_tokens,
+                            args.stream_interval,
+                            args.connections,
                         )
                 finally:
                     stop(proc)

@@ -62,17 +62,18 @@ def measured(servers: dict[str, int], client: list[str]) -> dict:
     }
 
 
-def echo_run(sessions: int, duration: float, paced: bool) -> dict:
+def echo_run(sessions: int, duration: float, paced: bool, connections: int) -> dict:
     echo = str(ROOT / "bench/echo.py")
     server, target = start([sys.executable, echo, "server", *(["--paced"] if paced else [])])
     try:
         client = [sys.executable, echo, "client", "--target", target, "--sessions", str(sessions)]
-        return measured({"server": server.pid}, client + ["--duration", str(duration), "--max-tokens", "64"])
+        client += ["--duration", str(duration), "--max-tokens", "64", "--connections", str(connections)]
+        return measured({"server": server.pid}, client)
     finally:
         stop(server)
 
 
-def serve_run(models_dir: Path, backend: str, sessions: int, duration: float) -> dict:
+def serve_run(models_dir: Path, backend: str, sessions: int, duration: float, connections: int) -> dict:
     extra = ["--backend", backend, "--frontends", "1"]
     server, target = serve(models_dir, 1, extra)
     try:
@@ -87,6 +88,7 @@ def serve_run(models_dir: Path, backend: str, sessions: int, duration: float) ->
             str(sessions),
         ]
         client += ["--duration", str(duration), "--max-tokens", "64", "--no-progress", "--seed", "1"]
+        client += ["--connections", str(connections)]
         return measured({"front end": server.pid, "engine core": engine}, client)
     finally:
         stop(server)
@@ -98,6 +100,7 @@ def main() -> None:
     )
     parser.add_argument("--sessions", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--connections", type=int, default=1, help="HTTP/2 connections, every run alike")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/serving_gap.json")
     args = parser.parse_args()
     report = {"machine": machine(), "settings": vars(args) | {"out": str(args.out)}, "runs": []}
@@ -112,10 +115,11 @@ def main() -> None:
                 ("default", "serve", serve_run, "torch"),
             ):
                 print(f"{name}, {n} sessions ...", file=sys.stderr, flush=True)
+                connections = min(args.connections, n)
                 if setup == "echo":
-                    result = run(n, args.duration, paced=argument)
+                    result = run(n, args.duration, paced=argument, connections=connections)
                 else:
-                    result = run(models, argument, n, args.duration)
+                    result = run(models, argument, n, args.duration, connections)
                 report["runs"].append({"setup": name, "sessions": n} | result)
     processes = ["server", "front end", "engine core", "load generator"]
     rows = []
