@@ -178,18 +178,24 @@ def batches_above(scraped: str, rows: int) -> float:
 
 
 def test_64_concurrent_sessions_get_their_solo_tokens_in_big_batches(stub, server):
+    # 300 tokens past <eos>: long enough that the 64 calls overlap however their threads start
+    # (with 40 tokens that could stop at <eos>, a fast engine finished sessions before the last
+    # ones began, and no batch passed 32 rows)
+    def run(session_id: str) -> list[int]:
+        return generate(stub, session_id, "x", max_tokens=300, ignore_eos=True)[0]
+
     seeds = list(range(500, 564))
-    solo = {seed: generate(stub, create(stub, seed=seed).id, "x", max_tokens=40)[0] for seed in seeds[:8]}
+    solo = {seed: run(create(stub, seed=seed).id) for seed in seeds[:8]}
     before = scrape(server)
     sessions = [create(stub, seed=seed) for seed in seeds]
     with concurrent.futures.ThreadPoolExecutor(64) as pool:
-        results = list(pool.map(lambda s: generate(stub, s.id, "x", max_tokens=40)[0], sessions))
+        results = list(pool.map(lambda s: run(s.id), sessions))
     for seed, tokens in zip(seeds, results):
         if seed in solo:
             assert tokens == solo[seed]
     # every session alone again, after the crowd: identical
     for seed, tokens in list(zip(seeds, results))[8:16]:
-        assert generate(stub, create(stub, seed=seed).id, "x", max_tokens=40)[0] == tokens
+        assert run(create(stub, seed=seed).id) == tokens
     assert batches_above(scrape(server), 32) - batches_above(before, 32) > 0, (
         "no batch of more than 32 rows was recorded"
     )
