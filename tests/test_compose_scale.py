@@ -74,7 +74,7 @@ def test_haproxy_takes_the_published_ports_and_no_build():
     assert "haproxy-compose.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in " ".join(
         overlay["server"]["volumes"]
     )
-    assert {name for name, _ in overlay["server"]["depends_on"].items()} == set(REPLICAS)
+    assert set(overlay["server"]["depends_on"]) == set(REPLICAS)
 
 
 def test_haproxy_compose_cfg_routes_to_every_replica_with_haproxy_cfgs_settings():
