@@ -31,7 +31,7 @@ def test_the_gpu_tests_collect_without_the_missing_packages():
 
 
 def test_the_benchmarks_import_without_the_missing_packages():
-    code = "import bench.kernel_bench, bench.kernel_sweep, bench.kernel_compile"
+    code = "import bench.kernel_bench, bench.kernel_sweep, bench.kernel_compile, bench.frontends_bench"
     done = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=gpu_image_env(), capture_output=True, text=True
     )
