@@ -3,8 +3,8 @@
 # own torch and triton; no package installs, no network): the state-pool and kernel tests,
 # compiled for CUDA this time (the `gpu` tests included), then the benchmark, then how serving
 # scales with front-end processes on the machine's cores (bench/frontends_bench.py, synthetic
-# backend, K = 1, 2, 4, 8), then in the time left the tile-config sweep (bench/kernel_sweep.py,
-# which saves its rows as it goes).
+# backend, K = 1, 2, 4, 8) and the engine core's own ceiling on one of them (bench/engine_bench.py),
+# then in the time left the tile-config sweep (bench/kernel_sweep.py, which saves its rows as it goes).
 # Pure-Python dependencies the machine lacks travel as wheels in .whl/ (see
 # docs/kernel-benchmarks.md). Results go to $OUT (or bench/results). Budget: under 5 minutes.
 set -uo pipefail
@@ -30,6 +30,11 @@ left=$((290 - (SECONDS - start)))
 if ((left > 105)); then
     timeout 100 python3 bench/frontends_bench.py --frontends 1 2 4 8 --duration 4 --out "$out/frontends_bench.json" 2>&1 | tee "$out/frontends_bench.txt"
     echo "frontends: exit ${PIPESTATUS[0]}" | tee -a "$out/frontends_bench.txt"
+fi
+left=$((290 - (SECONDS - start)))
+if ((left > 60)); then
+    timeout 30 python3 bench/engine_bench.py --sessions 256 --duration 3 --out "$out/engine_bench.json" 2>&1 | tee "$out/engine_bench.txt"
+    echo "engine: exit ${PIPESTATUS[0]}" | tee -a "$out/engine_bench.txt"
 fi
 left=$((290 - (SECONDS - start)))
 if ((left > 20)); then

@@ -132,6 +132,11 @@ class EngineClient:
         self.lost, self._started = loop.create_future(), loop.create_future()
         loop.create_task(self._receive_forever(), name="engine-channel")
 
+    @property
+    def engine_pid(self) -> int | None:
+        """The engine core process's pid, if this front end started it."""
+        return None if self._process is None else self._process.pid
+
     def check_ready(self) -> None:
         if not self.ready:
             raise Unavailable("the server is still loading its models; retry shortly")

@@ -2,7 +2,7 @@
 
 The scheduler's phases hand each other typed records:
     plan()            -> StepBatch: a Row per session that runs
-    sampling             fills each generating row's token and every row's `before`
+    sampling             fills each generating row's token and the batch's `before`
     Runner.execute    -> StepOutput: the rows that ran and one SubStep per batched step
     update               an Absorbed per token of each row, delivered to its job
 The runner makes the rows' states resident, has their tokens logged (before the step: if the
@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -33,8 +34,7 @@ RecordFn = Callable[[list[tuple[Session, int, list[int]]]], None]
 ClassifyFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-@dataclass(frozen=True, slots=True)
-class Absorbed:
+class Absorbed(NamedTuple):  # a tuple: one is made per token, and a frozen dataclass costs 3x as much
     """One token a row absorbed, with the log-probability it had and the top alternatives after it."""
 
     token: int
@@ -51,7 +51,6 @@ class Row:
     tokens: list[int]  # to absorb: a prompt chunk, or filled with the sampled token
     position: int  # where the state starts this iteration (0: from the zero state)
     generating: bool  # the tokens are sampled, not fed
-    before: np.ndarray | None = None  # [V] the logits before this iteration (zeros when starting over)
     absorbed: list[Absorbed] = field(default_factory=list)
     classified: list[HeadProbabilities] | None = None  # the heads' answer after this iteration
 
@@ -68,6 +67,9 @@ class StepBatch:
 
     rows: list[Row]
     started: float = field(default_factory=time.perf_counter)  # for the queue wait and step time
+    before: np.ndarray | None = (
+        None  # [R, V] each row's logits before this iteration (zeros when starting over)
+    )
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class StepOutput:
     """What the step did: the rows that ran (resident and not closed) and their sub-steps."""
 
     rows: list[Row] = field(default_factory=list)
+    ran: list[int] = field(default_factory=list)  # the rows' indices in StepBatch.rows
     substeps: list[SubStep] = field(default_factory=list)
     error: Exception | None = None  # the iteration failed (sampling, logging or a step)
 
@@ -109,9 +112,12 @@ class Runner:
     def execute(self, batch: StepBatch) -> StepOutput:
         """Residency, logging, resets and the batched steps of one iteration."""
         pinned = {row.session.id for row in batch.rows}
-        rows = [
-            r for r in batch.rows if not r.session.closed and self.residency.make_resident(r.session, pinned)
+        ran = [
+            i
+            for i, r in enumerate(batch.rows)
+            if not r.session.closed and self.residency.make_resident(r.session, pinned)
         ]
+        rows = [batch.rows[i] for i in ran]
         self.on_record(
             [(row.session, row.position, row.tokens) for row in rows if row.tokens and not row.job.replay]
         )
@@ -132,7 +138,7 @@ class Runner:
         for row in rows:
             row.session.remember(row.position, row.tokens)
         self._classify([row for row in rows if row.classifies])
-        return StepOutput(rows, substeps)
+        return StepOutput(rows, ran, substeps)
 
     def _classify(self, rows: list[Row]) -> None:
         """Each head on the rows' current top-layer h, in one batch."""

@@ -205,23 +205,28 @@ class Scheduler:
 
     @staticmethod
     def _sample(batch: StepBatch) -> None:
-        """Draw the next token of every generating row, as one batch; note each row's logits
-        before this iteration, for the logprobs of what it absorbs."""
-        gen = [r for r in batch.rows if r.generating]
+        """Note every row's logits before this iteration (zeros for a row starting over), for
+        the logprobs of what it absorbs, and draw the next token of every generating row from
+        them, as one batch."""
+        rows = batch.rows
+        logits = np.stack([r.session.logits for r in rows])  # [R, V]
+        gen = [i for i, r in enumerate(rows) if r.generating]
         if gen:
-            specs = [r.job.generate.sampling for r in gen]
+            specs = [rows[i].job.generate.sampling for i in gen]
             chosen = sample(
-                np.stack([r.session.logits for r in gen]),
-                np.array([r.session.seed for r in gen], dtype=np.uint64),
-                np.array([r.position for r in gen], dtype=np.int64),
+                logits if len(gen) == len(rows) else logits[gen],
+                np.array([rows[i].session.seed for i in gen], dtype=np.uint64),
+                np.array([rows[i].position for i in gen], dtype=np.int64),
                 np.array([s.temperature for s in specs]),
                 np.array([s.top_k for s in specs]),
                 np.array([s.top_p for s in specs]),
             )
-            for row, token in zip(gen, chosen.tolist()):
-                row.tokens = [token]
-        for row in batch.rows:
-            row.before = np.zeros_like(row.session.logits) if row.job.starts_over else row.session.logits
+            for i, token in zip(gen, chosen.tolist()):
+                rows[i].tokens = [token]
+        starting_over = [i for i, r in enumerate(rows) if r.job.starts_over]
+        if starting_over:
+            logits[starting_over] = 0
+        batch.before = logits
 
     # ---- update: back on the event loop ----------------------------------------------------
 
@@ -231,7 +236,7 @@ class Scheduler:
         error = output.error
         if error is None:
             try:
-                self._absorb(output)
+                self._absorb(batch, output)
             except Exception as e:
                 error = e
         if isinstance(error, Unavailable):  # the log refused this iteration's tokens: no state moved
@@ -256,12 +261,13 @@ class Scheduler:
         self.on_iteration(StepStats(len(batch.rows), steps, seconds, waits, fed, generated))
 
     @staticmethod
-    def _absorb(output: StepOutput) -> None:
+    def _absorb(batch: StepBatch, output: StepOutput) -> None:
         """Give each row that ran its absorbed tokens, logprobs and top alternatives, sub-step by sub-step."""
         rows = output.rows
         if not rows:
             return
-        prev = np.stack([r.before for r in rows])  # [R, V]: the logits each absorbed token was drawn from
+        # [R, V]: the logits each absorbed token was drawn from (overwritten sub-step by sub-step)
+        prev = batch.before if len(rows) == len(batch.rows) else batch.before[output.ran]
         for sub in output.substeps:
             logprobs = log_softmax(prev[sub.active])[np.arange(len(sub.active)), sub.tokens].tolist()
             for n, (i, token) in enumerate(zip(sub.active, sub.tokens.tolist())):

@@ -1,6 +1,9 @@
-"""bench/frontends_bench.py's paired summary: each K against the first K of the same round,
-so that a machine whose speed drifts between rounds does not show as scaling."""
+"""The benchmarks' own logic: frontends_bench.py's paired summary (each K against the first K
+of the same round, so that a machine whose speed drifts between rounds does not show as
+scaling), and engine_bench.py run briefly against a real engine core."""
 
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -41,3 +44,19 @@ def test_a_k_listed_twice_is_paired_with_the_first_run_of_the_first_k():
     assert [r["vs_first"] for r in runs] == [1.0, 1.1, 0.8]
     (one, two) = summary(runs, [1, 2, 1])
     assert one["runs"] == 2 and one["median_vs_first"] == 0.9 and two["median_vs_first"] == 1.1
+
+
+def test_the_engine_benchmark_drives_a_real_engine_core_and_reports_its_cpu(tmp_path):
+    """bench/engine_bench.py end to end, briefly: the engine core process, our IPC client,
+    tokens counted and the engine core's CPU read from /proc (its figures are not checked:
+    this machine is shared)."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "engine_bench.json"
+    command = [sys.executable, "bench/engine_bench.py", "--sessions", "4", "--duration", "1"]
+    done = subprocess.run(command + ["--max-tokens", "8", "--out", str(out)], cwd=root,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = json.loads(out.read_text())["runs"]
+    assert run["sessions"] == 4 and run["tokens_per_s"] > 0
+    assert 0 < run["engine_core_cores"] <= 1.5 and run["engine_core_us_per_token"] > 0
+    assert "engine core µs/tok" in done.stdout
