@@ -393,3 +393,27 @@ async def test_a_failing_step_cancels_its_batch_and_the_loop_goes_on(harness, ca
     h.sched.submit(s, fine)
     await h.run(s)
     assert finished(drain(fine.outbox)).reason == FinishReason.LENGTH
+
+
+def test_rows_that_did_not_run_leave_the_logprobs_of_the_others_alone():
+    """A row whose session could not be made resident is left out of the step: the logprob of
+    each row that ran still comes from its own logits before the iteration."""
+    from server.engine.runner import Row, StepBatch, StepOutput, SubStep
+    from server.sampling import log_softmax
+
+    sessions = [session(name) for name in "ABC"]
+    for n, s in enumerate(sessions):
+        s.logits = np.zeros(V, dtype=np.float32)
+        s.logits[next_token(n)] = CERTAIN / 10 * (n + 1)  # a different distribution per row
+    jobs = [feed([next_token(n)], return_logprobs=True) for n in range(3)]
+    batch = StepBatch([Row(s, job, list(job.feed), 0, False) for s, job in zip(sessions, jobs)])
+    Scheduler._sample(batch)
+    before = batch.before.copy()
+    rows = [batch.rows[0], batch.rows[2]]  # B did not run
+    after = np.zeros((2, V), dtype=np.float32)
+    substep = SubStep([0, 1], np.array([next_token(0), next_token(2)]), after)
+    Scheduler._absorb(batch, StepOutput(rows, [0, 2], [substep]))
+    expected = log_softmax(before[[0, 2]])[[0, 1], [next_token(0), next_token(2)]]
+    assert [rows[0].absorbed[0].logprob, rows[1].absorbed[0].logprob] == expected.tolist()
+    assert expected[1] > expected[0] > ZERO_LOGPROB  # C's logits, not B's (the row after A)
+    assert batch.rows[1].absorbed == []

@@ -34,7 +34,7 @@ RecordFn = Callable[[list[tuple[Session, int, list[int]]]], None]
 ClassifyFn = Callable[[torch.Tensor], dict[str, torch.Tensor]]
 
 
-class Absorbed(NamedTuple):  # a tuple: one is made per token, and a frozen dataclass costs 3x as much
+class Absorbed(NamedTuple):  # one per token: a tuple builds in half the time of a frozen dataclass
     """One token a row absorbed, with the log-probability it had and the top alternatives after it."""
 
     token: int
@@ -67,9 +67,8 @@ class StepBatch:
 
     rows: list[Row]
     started: float = field(default_factory=time.perf_counter)  # for the queue wait and step time
-    before: np.ndarray | None = (
-        None  # [R, V] each row's logits before this iteration (zeros when starting over)
-    )
+    # [R, V] each row's logits before this iteration (zeros when starting over), set by sampling
+    before: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
